@@ -57,11 +57,9 @@ docs-check: $(STAMP)
 	$(BIN)/python -c "from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar; from nbdev.serve import proc_nbs; \
 	refresh_quarto_yml(); nbdev_sidebar.__wrapped__(); print(proc_nbs(force=True, n_workers=1))"
 
-## README.md from nbs/index.ipynb (nbdev_readme needs Quarto; this uses nbdev's processed notebook + nbconvert)
-readme: docs-check
-	$(BIN)/jupyter nbconvert --to markdown _proc/index.ipynb --output-dir . --output README --log-level WARN
-	$(BIN)/python -c "import re,pathlib; p=pathlib.Path('README.md'); t=p.read_text(); \
-	t=re.sub(r'^---\n.*?\n---\n+', '', t, flags=re.S); p.write_text(t.strip()+'\n')"
+## README.md from nbs/index.ipynb (nbdev_readme needs Quarto; this drops hidden cells and converts the rest)
+readme:
+	$(PYTHON) .ci/make_readme.py
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab nbs
