@@ -26,7 +26,7 @@ $(STAMP): settings.ini setup.py
 demo: $(STAMP)
 	mkdir -p runs/dca_pbmc68k
 	$(BIN)/papermill nbs/10_models.dca.ipynb runs/dca_pbmc68k/dca_pbmc68k.ipynb -k $(KERNEL) --cwd nbs \
-		-p dataset pbmc68k -p output_dir ../runs/dca_pbmc68k
+		-p run_pbmc True -p output_dir ../runs/dca_pbmc68k
 	@echo "Results in runs/dca_pbmc68k/: executed notebook, figure (.png) and results table (.csv)"
 
 ## the test suite (what CI runs)
