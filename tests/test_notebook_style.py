@@ -30,14 +30,16 @@ def directives(src):
 def test_imports_are_not_mixed_with_other_code(nb):
     bad = []
     for i, src in code_cells(nb):
-        if directives(src) & DIRECTIVES_EXECUTED_ANYWAY:
+        if directives(src) & DIRECTIVES_EXECUTED_ANYWAY:  # definitions: run in the docs build anyway
             continue
         try:
             tree = ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
         except SyntaxError:
             continue
         kinds = [isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body]
-        if any(kinds) and not all(kinds):
+        nested = any(isinstance(n, (ast.Import, ast.ImportFrom)) for top in tree.body
+                     if not isinstance(top, (ast.Import, ast.ImportFrom)) for n in ast.walk(top))
+        if (any(kinds) and not all(kinds)) or nested:
             bad.append(f"cell {i}: {src.splitlines()[0][:60]!r}")
     assert not bad, f"{nb.name}: cells mixing imports with other code (split them): {bad}"
 
