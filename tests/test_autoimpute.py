@@ -37,15 +37,6 @@ def hide_nonzeros(X, fraction=0.1, seed=0):
     return sp.csr_matrix(dense), rows, cols
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Small matrices: one torch thread avoids oversubscription on shared / parallel runners."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def masked_fit():
     a = two_type_counts()

@@ -14,15 +14,6 @@ from scdeep_nb.models.dca import DCA, DCA_LOSSES, DCAModule, knn_smooth
 SMALL = dict(hidden_sizes=(16, 8, 16))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "DCA's layers are tiny: one CPU thread is much faster than several competing ones on a shared machine."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def adata():
     a = simulate(n_cells=200, n_genes=60, n_groups=3, seed=1, lib_loc=8.0, dropout_type="experiment",

@@ -11,15 +11,6 @@ from scdeep_nb.models import REGISTRY
 from scdeep_nb.models.scvi import SCVI, SCVIModule, bayes_factor_de, scvi_max_epochs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Networks this small run fastest on one CPU thread (re-set per test: scanpy's neighbour graph resets it)."
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def sim():
     adata = simulate(n_cells=500, n_genes=200, n_groups=3, n_batches=2, seed=1, lib_loc=9.0, batch_fac_loc=0.15,
