@@ -8,23 +8,26 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
-import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from fastcore.basics import patch
 from torch import nn
 
 from .data import SingleCellData
+from .nn import has_batch_norm
 from .train import Trainer, TrainingPlan, get_device, set_seed
+from .utils import jsonable
 
 # %% auto #0
-__all__ = ['CAPABILITIES', 'REGISTRY', 'TRAINER_OPTIONS', 'PLAN_OPTIONS', 'ModelInfo', 'register_model', 'registry_table',
-           'BaseModel', 'check_same_genes']
+__all__ = ['CAPABILITIES', 'TL_OUTPUTS', 'REGISTRY', 'TRAINER_OPTIONS', 'PLAN_OPTIONS', 'ModelInfo', 'register_model',
+           'registry_table', 'SavedModel', 'read_saved', 'BaseModel']
 
 # %% ../nbs/05_core.base.ipynb #415a03ce
 CAPABILITIES = {
@@ -37,6 +40,15 @@ CAPABILITIES = {
     "align": "align",
 }
 
+# where `scdeep_nb.tl` writes each capability's output: (AnnData slot, key template, getter)
+TL_OUTPUTS = {
+    "embed": ("obsm", "X_{key}", "get_latent_representation"),
+    "denoise": ("layers", "{key}_denoised", "get_normalized_expression"),
+    "cluster": ("obs", "{key}_cluster", "predict"),
+    "classify": ("obs", "{key}_label", "predict"),
+    "correct": ("obsm", "X_{key}_corrected", "transform"),
+}
+
 @dataclass
 class ModelInfo:
     "A registry entry: a method's name, class and capabilities."
@@ -47,11 +59,6 @@ class ModelInfo:
     outputs: dict = field(default_factory=dict)  # capability -> method name on the class
 
 REGISTRY: dict[str, ModelInfo] = {}
-
-# the `train(**kwargs)` options that go to the `Trainer` and to the `TrainingPlan`
-TRAINER_OPTIONS = ("early_stopping", "patience", "monitor", "min_delta", "restore_best", "checkpoint_every", "amp")
-PLAN_OPTIONS = ("optimizer", "lr", "weight_decay", "optimizer_kwargs", "scheduler", "scheduler_kwargs",
-                "grad_clip_value", "grad_clip_norm", "kl_warmup_steps")
 
 def register_model(name: str, capabilities: tuple = (), summary: str = "") -> Callable:
     "Class decorator adding a model to `REGISTRY` under `name`."
@@ -81,26 +88,60 @@ def registry_table() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols).set_index("name")
 
 # %% ../nbs/05_core.base.ipynb #45cf626b
-_LOADING = contextvars.ContextVar("_LOADING", default=None)  # saved setup while `load` rebuilds a model
+@dataclass
+class SavedModel:
+    "What `BaseModel.save` wrote to a folder, read back without an AnnData."
+    path: Path  # the folder
+    model_class: str  # class name, e.g. "DCA"
+    name: str  # registry name, e.g. "dca"
+    init_params: dict  # the constructor's arguments
+    setup: dict  # data encoding: layer, keys, category lists, var_names, ...
+    extra: dict  # the method's `state_to_save()`
+    is_trained: bool
+    version: str = ""  # scdeep_nb version that saved it
 
+    @property
+    def var_names(self) -> pd.Index:
+        "The genes the saved model needs, in its order."
+        return pd.Index(self.setup["var_names"])
 
-def _jsonable(v):
-    if isinstance(v, (np.integer,)): return int(v)
-    if isinstance(v, (np.floating,)): return float(v)
-    if isinstance(v, np.ndarray): return v.tolist()
-    if isinstance(v, (list, tuple)): return [_jsonable(x) for x in v]
-    if isinstance(v, dict): return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (str, int, float, bool)) or v is None: return v
-    raise TypeError(f"Hyperparameter value {v!r} of type {type(v).__name__} cannot be saved to JSON; "
-                    f"pass plain numbers, strings, lists or dicts.")
+    def state_dict(self) -> dict:
+        "The module's weights (CPU tensors)."
+        return torch.load(self.path / "model.pt", map_location="cpu", weights_only=True)
 
-# %% ../nbs/05_core.base.ipynb #fb82b42d
+    def history(self) -> pd.DataFrame:
+        "The saved loss history."
+        hist = self.path / "history.csv"
+        return pd.read_csv(hist) if hist.exists() and hist.stat().st_size > 1 else pd.DataFrame()
+
+def read_saved(dir_path) -> SavedModel:
+    "Read a folder written by `model.save()` (settings, genes, extra state; weights on demand)."
+    path = Path(dir_path)
+    if not (path / "params.json").exists():
+        raise FileNotFoundError(f"{path} has no params.json; is it a folder written by `model.save()`?")
+    p = json.loads((path / "params.json").read_text())
+    return SavedModel(path, p["model_class"], p["name"], p["init_params"], p["setup"], p.get("extra", {}),
+                      bool(p.get("is_trained", False)), p.get("scdeep_nb_version", ""))
+
+# %% ../nbs/05_core.base.ipynb #28ee7d6b
+# the `train(**kwargs)` options that go to the `Trainer` and to the `TrainingPlan`
+TRAINER_OPTIONS = ("early_stopping", "patience", "monitor", "min_delta", "early_stopping_start_step", "tolerance",
+                   "tolerance_every", "tolerance_start_epoch", "restore_best", "checkpoint_every", "amp")
+PLAN_OPTIONS = ("optimizer", "lr", "weight_decay", "optimizer_kwargs", "scheduler", "scheduler_kwargs",
+                "grad_clip_value", "grad_clip_norm", "kl_warmup_steps")
+
+_LOADING = contextvars.ContextVar("_LOADING", default=None)  # the SavedModel while `load` rebuilds a model
+
+# %% ../nbs/05_core.base.ipynb #7c39f636
 class BaseModel:
     "The user-facing life cycle shared by every method: validate, train, outputs, save and load."
     name: str = "base"
     capabilities: tuple = ()
     require_integer: bool = True  # the likelihood needs integer counts
     size_factor_kind: str = "median"  # how size factors are computed (see `scdeep_nb.data.size_factors`)
+    zero_genes: str = "warn"  # genes never detected in the training data: "warn" (kept) or "error"
+    needs_validation: bool = False  # the method needs at least one validation cell (a held-out split)
+    tl_outputs: tuple | None = None  # extra (slot, key template, getter) written by `scdeep_nb.tl`; None: none
     default_train_kwargs: dict = dict(max_epochs=400, batch_size=128, validation_fraction=0.1, early_stopping=True,
                                       patience=15, optimizer="adam", lr=1e-3)
 
@@ -114,32 +155,44 @@ class BaseModel:
         allow_non_integer: bool = False,  # accept non-integer counts (ambient-corrected, expected counts)
         **hparams,  # method hyperparameters (saved with the model)
     ):
-        saved = _LOADING.get()
+        saved: SavedModel | None = _LOADING.get()
         self.adata = adata
         self.init_params = dict(layer=layer, batch_key=batch_key, labels_key=labels_key,
-                                allow_non_integer=allow_non_integer, **_jsonable(hparams))
+                                allow_non_integer=allow_non_integer, **jsonable(hparams))
         self.hparams = dict(hparams)
+        setup = saved.setup if saved else {}
         self.data = SingleCellData(
             adata, layer, batch_key, labels_key, require_integer=self.require_integer,
             allow_non_integer=allow_non_integer, size_factor_kind=self.size_factor_kind,
-            batch_categories=saved["batch_categories"] if saved else None,
-            label_categories=saved["label_categories"] if saved else None,
-            check_zero_genes=saved is None)
+            batch_categories=setup.get("batch_categories") if batch_key else None,
+            label_categories=setup.get("label_categories") if labels_key else None,
+            check_zero_genes="ignore" if saved else self.zero_genes,
+            var_names=saved.var_names if saved else None,
+            gene_fix=f"scdeep_nb.base.read_saved({str(saved.path)!r}).var_names" if saved else "model.var_names")
+        self.seen_batches = list(setup.get("seen_batches", self.data.seen_batches))
         self.device = torch.device("cpu")
         self.is_trained = False
-        self._history = pd.DataFrame()
-        self.module = self._build_module()
+        self._history, self._train_state = pd.DataFrame(), None
+        # when loading, `load` restores the extra state first and builds the module after it
+        self.module = None if saved else self.build_module()
 
-    # --- to implement in a method -------------------------------------------------
-    def _build_module(self) -> nn.Module:
-        "Build the torch module from `self.data` and `self.hparams` (implemented by each method)."
-        raise NotImplementedError(f"{type(self).__name__} must implement `_build_module`.")
+    # --- hooks a method implements --------------------------------------------------------------------------
+    def build_module(self) -> nn.Module:
+        "Build the torch module (a `BaseModule`) from `self.data` and `self.hparams` (implemented by each method)."
+        raise NotImplementedError(f"{type(self).__name__} must implement `build_module`.")
 
-    def _make_plan(self, plan_kwargs: dict, n_steps_per_epoch: int, max_epochs: int) -> TrainingPlan:
-        "The training plan (override for GANs / alternating objectives or step-dependent defaults)."
-        return TrainingPlan(self.module, **plan_kwargs)
+    def state_to_save(self) -> dict:
+        "Extra JSON-able state that `build_module` needs besides the hyperparameters (override; default none)."
+        return {}
 
-    # --- life cycle ---------------------------------------------------------------
+    def restore_state(self, state: dict):
+        "Restore what `state_to_save` returned; `load` calls it before `build_module` (override)."
+
+    def make_plan(self, module: nn.Module, plan_kwargs: dict, n_steps_per_epoch: int, max_epochs: int) -> TrainingPlan:
+        "The training plan for `module` (override for GANs / alternating objectives or step-dependent defaults)."
+        return TrainingPlan(module, **plan_kwargs)
+
+    # --- life cycle ----------------------------------------------------------------------------------------
     def __repr__(self):
         state = "trained" if self.is_trained else "not trained"
         return f"{type(self).__name__}({self.data!r}, {state})"
@@ -154,147 +207,248 @@ class BaseModel:
         "The genes the model was built on, in order."
         return self.data.var_names
 
-    def train(
-        self,
-        max_epochs: int | None = None,  # upper bound on epochs (method default if None)
-        batch_size: int | None = None,  # cells per minibatch (method default if None)
-        *,
-        validation_fraction: float | None = None,  # held-out cells for early stopping (method default if None)
-        device="auto",  # "auto" (cuda -> mps -> cpu), "cpu", "cuda", ...
-        seed: int | None = 0,  # seeds weight initialisation (first training only), splits and minibatches
-        progress_bar: bool = True,  # show a tqdm bar
-        checkpoint_path: str | None = None,  # save a checkpoint here every epoch
-        resume: bool = False,  # continue from `checkpoint_path`
-        **kwargs,  # trainer options (early_stopping, patience, ...) and plan options (lr, optimizer, ...)
-    ):
-        "Train the model; returns `self`."
-        kw = {**self.default_train_kwargs}
-        kw.update({k: v for k, v in dict(max_epochs=max_epochs, batch_size=batch_size,
-                                         validation_fraction=validation_fraction).items() if v is not None})
-        unknown = set(kwargs) - set(TRAINER_OPTIONS) - set(PLAN_OPTIONS)
-        if unknown:
-            raise TypeError(f"train() got unknown options {sorted(unknown)}; trainer options: {list(TRAINER_OPTIONS)}, "
-                            f"optimiser options: {list(PLAN_OPTIONS)}.")
-        kw.update(kwargs)
-        if not self.is_trained and seed is not None:  # reproducible initial weights
-            set_seed(seed)
-            self.module = self._build_module()
-        n = self.data.n_obs
-        bs = int(min(kw["batch_size"], n))
-        train_idx, val_idx = self.data.split(kw["validation_fraction"], seed or 0)
-        train_loader = self.data.loader(train_idx, bs, shuffle=True, seed=seed or 0)
-        val_loader = self.data.loader(val_idx, max(bs, 1024), shuffle=False) if len(val_idx) else None
-        plan_kwargs = {k: kw[k] for k in PLAN_OPTIONS if k in kw}
-        plan = self._make_plan(plan_kwargs, len(train_loader), int(kw["max_epochs"]))
-        trainer = Trainer(int(kw["max_epochs"]), device=device, seed=seed, progress_bar=progress_bar,
-                          checkpoint_path=checkpoint_path, resume=resume,
-                          **{k: kw[k] for k in TRAINER_OPTIONS if k in kw})
-        history = trainer.fit(plan, train_loader, val_loader)
-        if len(self._history):
-            history["epoch"] += int(self._history["epoch"].max()) + 1
-        self._history = pd.concat([self._history, history], ignore_index=True)
-        self.device, self.is_trained, self.trainer = trainer.device, True, trainer
-        self.module.eval()
-        return self
+# %% ../nbs/05_core.base.ipynb #feccc7c1
+@patch
+def _train_options(self: BaseModel, max_epochs, batch_size, validation_fraction, kwargs: dict) -> dict:
+    kw = {**self.default_train_kwargs}
+    kw.update({k: v for k, v in dict(max_epochs=max_epochs, batch_size=batch_size,
+                                     validation_fraction=validation_fraction).items() if v is not None})
+    unknown = set(kwargs) - set(TRAINER_OPTIONS) - set(PLAN_OPTIONS)
+    if unknown:
+        raise TypeError(f"train() got unknown options {sorted(unknown)}; trainer options: {list(TRAINER_OPTIONS)}, "
+                        f"optimiser options: {list(PLAN_OPTIONS)}.")
+    kw.update(kwargs)
+    if int(kw["max_epochs"]) < 1: raise ValueError(f"max_epochs={kw['max_epochs']} must be >= 1.")
+    if int(kw["batch_size"]) < 1: raise ValueError(f"batch_size={kw['batch_size']} must be >= 1.")
+    return kw
 
-    # --- helpers for outputs ------------------------------------------------------
-    def _check_trained(self):
-        if not self.is_trained:
-            raise RuntimeError(f"{type(self).__name__} is not trained yet; call `.train()` first.")
+@patch
+def split_cells(self: BaseModel, validation_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    "Train / validation rows for this model: two training cells with batch-norm, one validation cell if needed."
+    bn = has_batch_norm(self.module)
+    try:
+        return self.data.split(validation_fraction, seed, min_train=2 if bn else 1,
+                               min_validation=1 if self.needs_validation else 0)
+    except ValueError as e:
+        why = " (it uses batch-norm, which needs two cells per minibatch)" if bn else ""
+        raise ValueError(f"{type(self).__name__}{why}: {e}") from None
 
-    def _data_for(self, adata: AnnData | None = None) -> SingleCellData:
-        "The training data, or `adata` encoded exactly as the training data were."
-        if adata is None or adata is self.adata:
-            return self.data
-        check_same_genes(self.var_names, adata.var_names, what="this model")
-        s = self.data
-        return SingleCellData(adata, s.layer, s.batch_key, s.labels_key, require_integer=s.require_integer,
-                              allow_non_integer=not s.require_integer, size_factor_kind=s.size_factor_kind,
-                              batch_categories=s.batch_categories if s.batch_key else None,
-                              label_categories=s.label_categories if s.labels_key else None,
-                              check_zero_genes=False)
-
-    @torch.no_grad()
-    def _forward_batches(self, fn: Callable, adata: AnnData | None = None, indices=None,
-                         batch_size: int = 1024) -> np.ndarray:
-        "Apply `fn(batch) -> tensor` to every minibatch in eval mode and concatenate the results as numpy."
-        data = self._data_for(adata)
-        self.module.eval()
-        outs = [fn(batch).detach().float().cpu().numpy()
-                for batch in data.loader(indices, batch_size, shuffle=False, device=self.device)]
-        return np.concatenate(outs, axis=0)
-
-    # --- save / load --------------------------------------------------------------
-    def save(self, dir_path: str, overwrite: bool = False):
-        "Save weights (`model.pt`), settings (`params.json`) and history (`history.csv`) to a folder."
-        path = Path(dir_path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose another folder.")
-        path.mkdir(parents=True, exist_ok=True)
-        from scdeep_nb import __version__
-        params = dict(model_class=type(self).__name__, name=self.name, scdeep_nb_version=__version__,
-                      init_params=self.init_params, setup=self.data.setup_dict(), is_trained=self.is_trained,
-                      extra=_jsonable(self._extra_state()))
-        torch.save({k: v.detach().cpu() for k, v in self.module.state_dict().items()}, path / "model.pt")
-        (path / "params.json").write_text(json.dumps(params, indent=1))
-        self._history.to_csv(path / "history.csv", index=False)
-
-    def _extra_state(self) -> dict:
-        "Extra JSON-able state a method needs after loading (override)."
-        return {}
-
-    def _load_extra_state(self, extra: dict):
-        "Restore what `_extra_state` saved (override)."
-
-    @classmethod
-    def load(cls, dir_path: str, adata: AnnData, device="cpu"):
-        "Load a saved model onto `adata` (which must have the same genes, in the same order)."
-        path = Path(dir_path)
-        if not (path / "params.json").exists():
-            raise FileNotFoundError(f"{path} has no params.json; is it a folder written by `.save()`?")
-        params = json.loads((path / "params.json").read_text())
-        target = cls
-        if cls is BaseModel or cls.__name__ != params["model_class"]:
-            info = REGISTRY.get(params["name"])
-            if info is None or (cls is not BaseModel and not issubclass(info.cls, cls)):
-                raise ValueError(f"{path} holds a {params['model_class']} model, not a {cls.__name__}; "
-                                 f"load it with {params['model_class']}.load(...).")
-            target = info.cls
-        setup = params["setup"]
-        check_same_genes(pd.Index(setup["var_names"]), adata.var_names, what=f"the saved {params['model_class']}")
-        init = params["init_params"]
-        sig = inspect.signature(target.__init__).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in sig.values()):
-            init = {k: v for k, v in init.items() if k in sig}
-        token = _LOADING.set(setup)
+@patch
+def fit_module(
+    self: BaseModel,
+    module: nn.Module,  # the module to train (`self.module`, or a fresh one)
+    train_indices,  # training rows of `self.data`
+    validation_indices=None,  # validation rows (None or empty: none)
+    *,
+    max_epochs: int,  # epochs
+    batch_size: int,  # cells per minibatch
+    device="auto",  # "auto", "cpu", "cuda", ...
+    seed: int | None = 0,  # seeds minibatch order and the trainer
+    progress_bar: bool = False,  # tqdm bar
+    state: dict | None = None,  # a previous `trainer.state` to continue from
+    checkpoint_path: str | None = None,  # checkpoint file
+    resume: bool = False,  # resume from `checkpoint_path`
+    **options,  # trainer and plan options (see TRAINER_OPTIONS, PLAN_OPTIONS)
+) -> Trainer:  # the trainer, with `.history` (DataFrame) and `.state`
+    "Train `module` on some cells of this model's data with the shared engine."
+    train_indices = np.asarray(train_indices)
+    bn = has_batch_norm(module)
+    if bn and batch_size < 2:
+        raise ValueError(f"batch_size={batch_size}: {type(self).__name__} uses batch-norm, which needs at least 2 "
+                         f"cells per minibatch; use batch_size >= 2.")
+    bs = int(min(batch_size, len(train_indices)))
+    train_loader = self.data.loader(train_indices, bs, shuffle=True, seed=seed or 0)
+    val = None if validation_indices is None or not len(validation_indices) else np.asarray(validation_indices)
+    val_loader = self.data.loader(val, max(bs, 1024), shuffle=False) if val is not None else None
+    plan = self.make_plan(module, {k: options[k] for k in PLAN_OPTIONS if k in options}, len(train_loader),
+                          int(max_epochs))
+    trainer = Trainer(int(max_epochs), device=device, seed=seed, progress_bar=progress_bar,
+                      checkpoint_path=checkpoint_path, resume=resume,
+                      **{k: options[k] for k in TRAINER_OPTIONS if k in options})
+    if state is not None:
         try:
-            model = target(adata, **init)
-        finally:
-            _LOADING.reset(token)
-        model._load_extra_state(params.get("extra", {}))
-        model.module.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-        model.device = get_device(device)
-        model.module.to(model.device).eval()
-        model.is_trained = params["is_trained"]
-        hist = path / "history.csv"
-        model._history = pd.read_csv(hist) if hist.exists() and hist.stat().st_size > 1 else pd.DataFrame()
-        return model
+            trainer.history = trainer.fit(plan, train_loader, val_loader, state=state)
+            return trainer
+        except (ValueError, KeyError, RuntimeError) as e:
+            warnings.warn(f"The optimiser state of the previous training does not fit these options ({e}); "
+                          f"training continues from the current weights with a fresh optimiser state.")
+            state = dict(state, plan={})
+    trainer.history = trainer.fit(plan, train_loader, val_loader, state=state)
+    return trainer
 
-# %% ../nbs/05_core.base.ipynb #28ee7d6b
-def check_same_genes(expected: pd.Index, got: pd.Index, what: str = "the model"):
-    "Raise a `ValueError` saying how to subset / reorder if `got` is not exactly `expected`."
-    expected, got = pd.Index(expected).astype(str), pd.Index(got).astype(str)
-    if len(expected) == len(got) and (expected == got).all():
-        return
-    shared = expected.intersection(got)
-    if len(shared) == len(expected) and len(got) == len(expected):
-        raise ValueError(f"The AnnData has the same {len(got)} genes as {what} but in another order. "
-                         f"Reorder it: `adata = adata[:, model.var_names].copy()`.")
-    missing = len(expected) - len(shared)
-    msg = (f"The AnnData's genes differ from those of {what}: it was trained on {len(expected)} genes; this AnnData "
-           f"has {len(got)}, of which {len(shared)} are shared ({missing} of the model's genes are missing).")
-    if missing == 0:
-        msg += " Subset it to the model's genes: `adata = adata[:, model.var_names].copy()`."
-    else:
-        msg += " Add the missing genes (as zeros) and order them as `model.var_names`, or train a new model."
-    raise ValueError(msg)
+@patch
+def train(
+    self: BaseModel,
+    max_epochs: int | None = None,  # upper bound on epochs (method default if None)
+    batch_size: int | None = None,  # cells per minibatch (method default if None)
+    *,
+    validation_fraction: float | None = None,  # held-out cells for early stopping (method default if None)
+    device="auto",  # "auto" (cuda -> mps -> cpu), "cpu", "cuda", ...
+    seed: int | None = 0,  # seeds weight initialisation (first training only), splits and minibatches
+    progress_bar: bool = True,  # show a tqdm bar
+    checkpoint_path: str | None = None,  # save a checkpoint here every epoch
+    resume: bool = False,  # continue from `checkpoint_path`
+    **kwargs,  # trainer options (early_stopping, patience, ...) and plan options (lr, optimizer, ...)
+):
+    "Train the model (a second call continues training); returns `self`."
+    kw = self._train_options(max_epochs, batch_size, validation_fraction, kwargs)
+    if not self.is_trained and seed is not None:  # reproducible initial weights
+        set_seed(seed)
+        self.module = self.build_module()
+    train_idx, val_idx = self.split_cells(kw["validation_fraction"], seed or 0)
+    state = self._train_state if self.is_trained else None
+    if state is None and len(self._history):  # a loaded model: continue the epoch numbering
+        state = dict(plan={}, step=0, epoch=int(self._history["epoch"].max()))
+    options = {k: v for k, v in kw.items() if k not in ("max_epochs", "batch_size", "validation_fraction")}
+    trainer = self.fit_module(self.module, train_idx, val_idx, max_epochs=kw["max_epochs"],
+                              batch_size=kw["batch_size"], device=device, seed=seed, progress_bar=progress_bar,
+                              state=state, checkpoint_path=checkpoint_path, resume=resume, **options)
+    self._history = pd.concat([self._history, trainer.history], ignore_index=True)
+    self.device, self.is_trained, self.trainer, self._train_state = trainer.device, True, trainer, trainer.state
+    self.module.eval()
+    return self
+
+
+
+# %% ../nbs/05_core.base.ipynb #55416ffd
+@patch
+def check_trained(self: BaseModel):
+    "Raise a `RuntimeError` if the model has not been trained."
+    if not self.is_trained:
+        raise RuntimeError(f"{type(self).__name__} is not trained yet; call `.train()` first.")
+
+@patch
+def data_for(self: BaseModel, adata: AnnData | None = None) -> SingleCellData:
+    "The training data (None), or `adata` encoded exactly as the training data were (genes matched, same codes)."
+    if adata is None or adata is self.adata:
+        return self.data
+    s = self.data
+    return SingleCellData(adata, s.layer, s.batch_key, s.labels_key, require_integer=s.require_integer,
+                          allow_non_integer=not s.require_integer, size_factor_kind=s.size_factor_kind,
+                          batch_categories=s.batch_categories if s.batch_key else None,
+                          label_categories=s.label_categories if s.labels_key else None,
+                          check_zero_genes="ignore", var_names=self.var_names, gene_fix="model.var_names")
+
+@patch
+def run_module(
+    self: BaseModel,
+    fn: Callable,  # fn(module, batch) -> tensor (cells, ...) or dict of such tensors, for one minibatch
+    adata: AnnData | None = None,  # data with the model's genes (any order); None: the training data
+    indices: Sequence[int] | None = None,  # rows of the data to use (default all)
+    *,
+    batch_size: int = 1024,  # cells per forward pass
+    per_gene: bool | Sequence[str] = False,  # the output's last axis is genes (dict: these keys): return them in the AnnData's gene order
+    module: nn.Module | None = None,  # another module than `self.module` (e.g. a cross-validation fold's)
+    require_trained: bool = True,  # refuse an untrained model
+) -> np.ndarray | dict:  # fn's outputs concatenated over cells, as float32 NumPy (a dict if fn returns one)
+    "Run `fn` over minibatches of `adata` (or the training data) in eval mode and concatenate the results."
+    if require_trained: self.check_trained()
+    data = self.data_for(adata)
+    module = self.module if module is None else module
+    was_training = module.training
+    module.eval()
+    device = next(iter(module.parameters()), torch.empty(0, device=self.device)).device
+    outs = []
+    try:
+        with torch.no_grad():
+            for batch in data.loader(indices, batch_size, shuffle=False, device=device):
+                outs.append(fn(module, batch))
+    finally:
+        module.train(was_training)
+    reorder = data.user_order
+    def cat(key, parts):
+        arr = np.concatenate([p.detach().float().cpu().numpy() for p in parts], axis=0)
+        wants = per_gene is True or (not isinstance(per_gene, bool) and key in per_gene)
+        return arr[..., reorder] if wants and reorder is not None else arr
+    if outs and isinstance(outs[0], dict):
+        return {k: cat(k, [o[k] for o in outs]) for k in outs[0]}
+    return cat(None, outs)
+
+@patch
+def batch_code(self: BaseModel, batch, what: str = "transform_batch") -> int:
+    "The code of batch `batch`; an error naming the seen batches if it is unknown or had no training cells."
+    cats, seen = [str(c) for c in self.data.batch_categories], [str(c) for c in self.seen_batches]
+    if str(batch) not in cats:
+        raise ValueError(f"{what}={batch!r} is not a batch of this model; choose one of {seen}.")
+    if str(batch) not in seen:
+        raise ValueError(f"{what}={batch!r} had no cells in the training data (it is an unused category of "
+                         f"adata.obs[{self.data.batch_key!r}]), so the model never learned it; choose one of {seen}.")
+    return cats.index(str(batch))
+
+@patch
+def get_loss_terms(
+    self: BaseModel,
+    adata: AnnData | None = None,  # data with the model's genes; None: the training data
+    indices: Sequence[int] | None = None,  # rows (default all)
+    *,
+    batch_size: int = 1024,  # cells per forward pass
+) -> pd.DataFrame:  # one row per cell, one column per per-cell term of the loss (full KL weight, eval mode)
+    "The per-cell terms of the module's loss (e.g. reconstruction, KL, negative ELBO) for each cell."
+    def fn(module, batch):
+        out = module.loss(batch, kl_weight=1.0)
+        n = batch["x"].shape[0]
+        return {k: v for k, v in out.terms.items() if torch.is_tensor(v) and v.ndim == 1 and v.shape[0] == n}
+    terms = self.run_module(fn, adata, indices, batch_size=batch_size)
+    data = self.data_for(adata)
+    index = data.obs_names if indices is None else data.obs_names[np.asarray(indices)]
+    return pd.DataFrame(terms, index=index)
+
+
+
+# %% ../nbs/05_core.base.ipynb #3a1b6700
+@patch
+def save(self: BaseModel, dir_path: str, overwrite: bool = False):
+    "Save weights (`model.pt`), settings (`params.json`) and history (`history.csv`) to a folder."
+    path = Path(dir_path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose another folder.")
+    path.mkdir(parents=True, exist_ok=True)
+    from scdeep_nb import __version__
+    setup = dict(self.data.setup_dict(), var_names=list(self.var_names), seen_batches=list(self.seen_batches))
+    params = dict(model_class=type(self).__name__, name=self.name, scdeep_nb_version=__version__,
+                  init_params=self.init_params, setup=setup, is_trained=self.is_trained,
+                  extra=jsonable(self.state_to_save()))
+    torch.save({k: v.detach().cpu() for k, v in self.module.state_dict().items()}, path / "model.pt")
+    (path / "params.json").write_text(json.dumps(params, indent=1))
+    self._history.to_csv(path / "history.csv", index=False)
+
+@patch(cls_method=True)
+def saved_var_names(cls: BaseModel, dir_path) -> pd.Index:
+    "The genes a saved model needs, in its order (`adata = adata[:, Model.saved_var_names(path)].copy()`)."
+    return read_saved(dir_path).var_names
+
+@patch(cls_method=True)
+def load(
+    cls: BaseModel,
+    dir_path: str,  # folder written by `save`
+    adata: AnnData,  # data with the saved model's genes (any order)
+    device="cpu",  # where to put the module
+):
+    "Load a saved model onto `adata`: read, encode, restore extra state, build the module, load weights."
+    saved = read_saved(dir_path)
+    target = cls
+    if cls is BaseModel or cls.__name__ != saved.model_class:
+        info = REGISTRY.get(saved.name)
+        if info is None or (cls is not BaseModel and not issubclass(info.cls, cls)):
+            raise ValueError(f"{saved.path} holds a {saved.model_class} model, not a {cls.__name__}; "
+                             f"load it with {saved.model_class}.load(...).")
+        target = info.cls
+    init = dict(saved.init_params)
+    sig = inspect.signature(target.__init__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.values()):
+        init = {k: v for k, v in init.items() if k in sig}
+    token = _LOADING.set(saved)
+    try:
+        model = target(adata, **init)
+    finally:
+        _LOADING.reset(token)
+    model.restore_state(saved.extra)
+    model.module = model.build_module()
+    model.module.load_state_dict(saved.state_dict())
+    model.device = get_device(device)
+    model.module.to(model.device).eval()
+    model.is_trained = saved.is_trained
+    model._history = saved.history()
+    return model
+
+

@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.data.ipynb #22c26a52
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterator, Sequence
 
@@ -15,7 +16,8 @@ import torch
 from anndata import AnnData
 
 # %% auto #0
-__all__ = ['get_counts', 'validate_counts', 'size_factors', 'encode_categories', 'SingleCellData', 'MinibatchLoader']
+__all__ = ['get_counts', 'validate_counts', 'size_factors', 'column_mean_var', 'encode_categories', 'check_same_genes',
+           'SingleCellData', 'MinibatchLoader']
 
 # %% ../nbs/00_core.data.ipynb #1fad2b28
 def get_counts(
@@ -52,7 +54,7 @@ def validate_counts(
     X,  # dense or sparse matrix, cells x genes
     *,
     require_integer: bool = True,  # refuse non-integer values (count likelihoods need integers)
-    check_zero_genes: bool = True,  # refuse genes with no counts in any cell
+    check_zero_genes: bool | str = "error",  # genes with no counts in any cell: "error" (True), "warn" or "ignore" (False)
     check_zero_cells: bool = True,  # refuse cells with no counts
     name: str = "counts",  # what to call the matrix in messages
     override_hint: str = "allow_non_integer=True",  # how the user turns the integer check off
@@ -79,11 +81,18 @@ def validate_counts(
                              f"layer='counts' (log-normalised data is a common mistake), or, if your counts are "
                              f"legitimately non-integer (ambient-corrected, expected counts), pass "
                              f"{override_hint}.")
-    if check_zero_genes:
+    mode = {True: "error", False: "ignore"}.get(check_zero_genes, check_zero_genes)
+    if mode not in ("error", "warn", "ignore"):
+        raise ValueError(f"check_zero_genes={check_zero_genes!r}; use 'error', 'warn' or 'ignore'.")
+    if mode != "ignore":
         n_zero = int((_axis_sums(X, 0) == 0).sum())
-        if n_zero:
+        if n_zero and mode == "error":
             raise ValueError(f"{n_zero} genes have zero counts in every cell. Filter them first, e.g. "
                              f"`sc.pp.filter_genes(adata, min_cells=1)` (on `adata.copy()` if it is a view).")
+        if n_zero:
+            warnings.warn(f"{n_zero} of {X.shape[1]} genes have zero counts in every cell. They are kept (the model "
+                          f"trains on them and gives near-zero outputs for them); to drop them instead, use "
+                          f"`sc.pp.filter_genes(adata, min_cells=1)`.", UserWarning, stacklevel=3)
     if check_zero_cells:
         n_zero = int((_axis_sums(X, 1) == 0).sum())
         if n_zero:
@@ -104,6 +113,22 @@ def size_factors(
     if kind == "library":
         return library.astype(np.float32)
     raise ValueError(f"size factor kind={kind!r} is unknown; use 'median', 'per10k' or 'library'.")
+
+# %% ../nbs/00_core.data.ipynb #e404e80b
+def column_mean_var(
+    X,  # dense or sparse matrix, cells x genes
+    ddof: int = 1,  # delta degrees of freedom of the variance (1: unbiased, as numpy's var(ddof=1))
+) -> tuple[np.ndarray, np.ndarray]:  # (mean, variance) per gene, float64
+    "Per-column mean and variance of a dense or sparse matrix, in float64, without densifying."
+    n = X.shape[0]
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float64)
+        mean = np.asarray(X.mean(axis=0)).ravel()
+        mean_sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
+    else:
+        X = np.asarray(X, dtype=np.float64)
+        mean, mean_sq = X.mean(axis=0), (X ** 2).mean(axis=0)
+    return mean, np.maximum(mean_sq - mean ** 2, 0.0) * n / max(n - ddof, 1)
 
 # %% ../nbs/00_core.data.ipynb #59e1645c
 def encode_categories(
@@ -131,6 +156,33 @@ def encode_categories(
                          f"(known: {cats}). Map them to known categories or retrain.")
     codes = np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
     return codes, cats
+
+# %% ../nbs/00_core.data.ipynb #26952523
+def check_same_genes(
+    expected,  # the model's genes, in its order
+    got,  # the data's genes
+    what: str = "the model",  # how to call the model in the message
+    fix: str = "model.var_names",  # a runnable expression that gives the model's genes
+) -> np.ndarray | None:  # None if identical; else the column order that turns `got` into `expected`
+    "Check that `got` has exactly the genes `expected`; returns the reordering if only the order differs."
+    expected, got = pd.Index(expected).astype(str), pd.Index(got).astype(str)
+    if len(expected) == len(got) and (expected == got).all():
+        return None
+    if not got.is_unique:
+        raise ValueError(f"The AnnData has duplicated gene names ({list(got[got.duplicated()][:3])}); make them "
+                         f"unique first (`adata.var_names_make_unique()`).")
+    shared = expected.intersection(got)
+    if len(shared) == len(expected) == len(got):
+        return got.get_indexer(expected)
+    missing = len(expected) - len(shared)
+    msg = (f"The AnnData's genes differ from those of {what}: it was trained on {len(expected)} genes; this AnnData "
+           f"has {len(got)}, of which {len(shared)} are shared ({missing} of the model's genes are missing).")
+    if missing == 0:
+        msg += f" Subset it to the model's genes: `adata = adata[:, {fix}].copy()`."
+    else:
+        msg += (f" Add the missing genes as zeros (e.g. `adata = anndata.concat([adata, zeros], axis=1)` with "
+                f"the genes of `{fix}` that are missing), or train a new model.")
+    raise ValueError(msg)
 
 # %% ../nbs/00_core.data.ipynb #f12770fb
 def _to_model_matrix(X, source: str):
@@ -166,10 +218,13 @@ class SingleCellData:
         size_factor_kind: str = "median",  # see `size_factors`
         batch_categories: Sequence | None = None,  # category order from a trained model
         label_categories: Sequence | None = None,  # category order from a trained model
-        check_zero_genes: bool = True,  # refuse all-zero genes
+        check_zero_genes: bool | str = "warn",  # all-zero genes: "warn" (kept), "error" or "ignore"
         check_zero_cells: bool = True,  # refuse all-zero cells
+        var_names: Sequence | None = None,  # a trained model's genes: match (and reorder) the data's genes to them
+        gene_fix: str = "model.var_names",  # runnable expression for the model's genes, used in error messages
     ):
         raw, self.source = get_counts(adata, layer)
+        order = None if var_names is None else check_same_genes(var_names, adata.var_names, fix=gene_fix)
         self.layer, self.batch_key, self.labels_key = layer, batch_key, labels_key
         self.size_factor_kind = size_factor_kind
         self.require_integer = require_integer and not allow_non_integer
@@ -183,9 +238,15 @@ class SingleCellData:
         else:
             self.labels, self.label_categories = None, list(label_categories) if label_categories else ["0"]
         self.X = _to_model_matrix(raw, self.source)
+        # `gene_order`: data column of each model gene; `user_order`: model column of each data gene (outputs back)
+        self.gene_order, self.user_order = order, None if order is None else np.argsort(order)
+        if order is not None:
+            self.X = self.X[:, order]
         validate_counts(self.X, require_integer=self.require_integer, check_zero_genes=check_zero_genes,
                         check_zero_cells=check_zero_cells, name=f"counts ({self.source})")
-        self.var_names = pd.Index(adata.var_names.astype(str))
+        self.var_names = pd.Index(adata.var_names.astype(str)) if order is None else pd.Index(var_names).astype(str)
+        self.batch_counts = np.bincount(self.batch, minlength=len(self.batch_categories)) if self.batch is not None \
+            else np.array([self.X.shape[0]])
         self.obs_names = pd.Index(adata.obs_names.astype(str))
         self.library = _axis_sums(self.X, 1).astype(np.float32)
         self.size_factors = size_factors(self.X, size_factor_kind) if check_zero_cells or self.library.min() > 0 \
@@ -214,15 +275,37 @@ class SingleCellData:
                     size_factor_kind=self.size_factor_kind, require_integer=bool(self.require_integer),
                     var_names=list(self.var_names))
 
-    def split(self, validation_fraction: float = 0.1, seed: int = 0):
-        "Random train / validation row indices (validation may be empty)."
+    @property
+    def seen_batches(self) -> list:
+        "The batch categories that have at least one cell here."
+        return [c for c, n in zip(self.batch_categories, self.batch_counts) if n > 0]
+
+    def split(
+        self,
+        validation_fraction: float = 0.1,  # fraction of cells held out (rounded to whole cells)
+        seed: int = 0,  # seed of the random permutation
+        min_train: int = 1,  # fewest training cells allowed
+        min_validation: int = 0,  # fewest validation cells allowed (1 for methods that need validation cells)
+    ) -> tuple[np.ndarray, np.ndarray]:  # sorted (train, validation) row indices
+        "Random train / validation row indices; too few cells on either side is an error naming a fraction that works."
         if not 0 <= validation_fraction < 1:
             raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1).")
-        perm = np.random.default_rng(seed).permutation(self.n_obs)
-        n_val = int(round(validation_fraction * self.n_obs))
-        if validation_fraction > 0 and self.n_obs - n_val < 2:
-            raise ValueError(f"Only {self.n_obs} cells: too few to hold out a validation split; "
-                             f"use validation_fraction=0.")
+        n = self.n_obs
+        perm = np.random.default_rng(seed).permutation(n)
+        n_val = int(round(validation_fraction * n))
+        if n < min_train + min_validation:
+            raise ValueError(f"{n} cells are too few: this model needs at least {min_train} training cell(s)"
+                             + (f" and {min_validation} validation cell(s)" if min_validation else "")
+                             + ". Give it more cells.")
+        if n_val < min_validation:
+            ok = (min_validation - 0.5) / n + 1e-9
+            raise ValueError(f"validation_fraction={validation_fraction} of {n} cells holds {n_val} cells, but this "
+                             f"model needs at least {min_validation} validation cell(s); use validation_fraction >= "
+                             f"{math.ceil(ok * 1000) / 1000} (or more cells).")
+        if n - n_val < min_train:
+            raise ValueError(f"validation_fraction={validation_fraction} of {n} cells leaves {n - n_val} training "
+                             f"cells; this model needs at least {min_train}. Use validation_fraction=0"
+                             + (" (and give the model more cells)" if n < min_train else "") + ".")
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
     def dense_rows(self, idx) -> np.ndarray:

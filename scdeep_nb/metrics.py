@@ -18,7 +18,8 @@ from sklearn.neighbors import NearestNeighbors
 
 # %% auto #0
 __all__ = ['ari', 'nmi', 'silhouette', 'leiden_clusters', 'leiden_ari', 'knn_purity', 'batch_asw', 'ilisi',
-           'entropy_of_batch_mixing', 'denoising_error', 'mask_nonzero', 'masked_error', 'scib_benchmark']
+           'entropy_of_batch_mixing', 'denoising_error', 'mask_nonzero', 'masked_error', 'knn_accuracy',
+           'trustworthiness', 'mean_average_precision', 'mmd', 'classifier_auc', 'scib_benchmark']
 
 # %% ../nbs/06_core.metrics.ipynb #6cbbc3a0
 def _embedding(embedding, name="embedding"):
@@ -306,6 +307,96 @@ def masked_error(
     diff = predicted - truth_values
     return dict(mae=float(np.abs(diff).mean()), rmse=float(np.sqrt((diff ** 2).mean())),
                 nmse=float(np.linalg.norm(diff) / np.linalg.norm(truth_values)))
+
+# %% ../nbs/06_core.metrics.ipynb #bf196e0c
+def knn_accuracy(
+    embedding: np.ndarray,  # cells x dimensions
+    labels: Sequence,  # one label per cell
+    k: int = 5,  # neighbours that vote
+    n_folds: int = 5,  # cross-validation folds (each cell is predicted by a model that never saw it)
+    seed: int = 0,  # seed of the fold assignment
+) -> float:
+    "Cross-validated accuracy of a k-nearest-neighbour classifier of `labels` in `embedding` (scvis' score)."
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    X = _embedding(embedding)
+    y = _labels(labels, len(X))
+    _, counts = np.unique(y, return_counts=True)
+    folds = int(min(n_folds, counts.min())) if counts.min() >= 2 else 2
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed) if counts.min() >= 2 else folds
+    return float(cross_val_score(KNeighborsClassifier(k), X, y, cv=cv).mean())
+
+def trustworthiness(
+    high: np.ndarray,  # cells x features: the input space (e.g. PCA of the data)
+    low: np.ndarray,  # cells x dimensions: the embedding
+    k: int = 15,  # neighbourhood size
+) -> float:
+    "scikit-learn's trustworthiness of `low` with respect to `high` (1: no false neighbours in the embedding)."
+    from sklearn.manifold import trustworthiness as _tw
+    H, L = _embedding(high, "high"), _embedding(low, "low")
+    if len(H) != len(L):
+        raise ValueError(f"high has {len(H)} cells and low {len(L)}; they must be the same cells.")
+    return float(_tw(H, L, n_neighbors=min(k, (len(H) - 1) // 2)))
+
+def mean_average_precision(
+    query: np.ndarray,  # query cells x dimensions
+    query_labels: Sequence,  # the query cells' labels
+    reference: np.ndarray,  # reference cells x dimensions (same space)
+    reference_labels: Sequence,  # the reference cells' labels
+    k: int = 100,  # hits ranked per query cell (Lin et al.: 100)
+) -> float:
+    "Mean over query cells of the average precision of their label among the k nearest reference cells."
+    Q, R = _embedding(query, "query"), _embedding(reference, "reference")
+    yq, yr = _labels(query_labels, len(Q), "query_labels"), _labels(reference_labels, len(R), "reference_labels")
+    k = int(min(k, len(R)))
+    idx = NearestNeighbors(n_neighbors=k).fit(R).kneighbors(Q, return_distance=False)
+    hits = (yr[idx] == yq[:, None]).astype(np.float64)
+    precision_at = np.cumsum(hits, 1) / np.arange(1, k + 1)
+    n_hits = hits.sum(1)
+    ap = np.divide((precision_at * hits).sum(1), n_hits, out=np.zeros(len(Q)), where=n_hits > 0)
+    return float(ap.mean())
+
+# %% ../nbs/06_core.metrics.ipynb #660a84b3
+def mmd(
+    x: np.ndarray,  # first sample, cells x features
+    y: np.ndarray,  # second sample, cells x features
+    scales: Sequence[float] = (0.5, 1.0, 2.0),  # kernel bandwidths as multiples of the median distance
+    max_cells: int = 2000,  # random subsample of each set (the cost is quadratic)
+    seed: int = 0,  # seed of the subsample
+) -> float:
+    "Biased squared MMD between two samples with a multi-scale Gaussian kernel (bandwidths x median distance)."
+    from scipy.spatial.distance import cdist
+    rs = np.random.default_rng(seed)
+    X, Y = _dense(x, "x").astype(np.float64), _dense(y, "y").astype(np.float64)
+    if X.shape[1] != Y.shape[1]:
+        raise ValueError(f"x has {X.shape[1]} features and y {Y.shape[1]}; they must match.")
+    if len(X) > max_cells: X = X[rs.choice(len(X), max_cells, replace=False)]
+    if len(Y) > max_cells: Y = Y[rs.choice(len(Y), max_cells, replace=False)]
+    Z = np.vstack([X, Y])
+    d2 = cdist(Z, Z, "sqeuclidean")
+    med = np.median(d2[np.triu_indices(len(Z), 1)])
+    med = med if med > 0 else 1.0
+    K = sum(np.exp(-d2 / (s * s * med)) for s in scales)
+    n = len(X)
+    return float(K[:n, :n].mean() - 2 * K[:n, n:].mean() + K[n:, n:].mean())
+
+def classifier_auc(
+    x: np.ndarray,  # first set (e.g. held-out real cells), cells x features
+    y: np.ndarray,  # second set (e.g. generated cells), cells x features
+    n_estimators: int = 100,  # trees of the random forest
+    seed: int = 0,  # seed of the split and the forest
+) -> float:
+    "ROC AUC of a random forest telling `x` from `y` on held-out cells (0.5: indistinguishable; scGAN's test)."
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import train_test_split
+    X, Y = _dense(x, "x"), _dense(y, "y")
+    if X.shape[1] != Y.shape[1]:
+        raise ValueError(f"x has {X.shape[1]} features and y {Y.shape[1]}; they must match.")
+    Z, t = np.vstack([X, Y]), np.r_[np.zeros(len(X)), np.ones(len(Y))]
+    Z_tr, Z_te, t_tr, t_te = train_test_split(Z, t, test_size=0.5, stratify=t, random_state=seed)
+    rf = RandomForestClassifier(n_estimators, random_state=seed, n_jobs=1).fit(Z_tr, t_tr)
+    return float(roc_auc_score(t_te, rf.predict_proba(Z_te)[:, 1]))
 
 # %% ../nbs/06_core.metrics.ipynb #0359d49c
 def scib_benchmark(

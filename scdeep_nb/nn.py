@@ -5,6 +5,7 @@
 # %% ../nbs/03_core.nn.ipynb #92249587
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['ACTIVATIONS', 'get_activation', 'one_hot', 'batch_norm', 'FCLayers', 'MaskedLinear', 'ResidualBlock']
+__all__ = ['ACTIVATIONS', 'get_activation', 'one_hot', 'batch_norm', 'FCLayers', 'keras_init_', 'clamped_exp', 'clamped_softplus',
+           'has_batch_norm', 'MaskedLinear', 'ResidualBlock']
 
 # %% ../nbs/03_core.nn.ipynb #88f76587
 ACTIVATIONS = {
@@ -97,6 +99,27 @@ class FCLayers(nn.Module):
             pre.append(h)
             x = layer["post"](h)
         return (x, pre) if return_pre else x
+
+# %% ../nbs/03_core.nn.ipynb #0b669ef6
+def keras_init_(module: nn.Module) -> nn.Module:
+    "Keras Dense defaults for every `nn.Linear` in `module`: Glorot-uniform weights, zero biases (in place)."
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None: nn.init.zeros_(m.bias)
+    return module
+
+def clamped_exp(h: torch.Tensor, min: float = 1e-5, max: float = 1e6) -> torch.Tensor:
+    "`clip(exp(h), min, max)` computed as `exp(clip(h, log min, log max))` (DCA's MeanAct), without overflow."
+    return torch.exp(h.clamp(math.log(min), math.log(max)))
+
+def clamped_softplus(h: torch.Tensor, min: float = 1e-4, max: float = 1e4) -> torch.Tensor:
+    "`clip(softplus(h), min, max)` (DCA's DispAct, an NB dispersion)."
+    return F.softplus(h).clamp(min, max)
+
+def has_batch_norm(module: nn.Module) -> bool:
+    "Whether `module` contains a batch-norm layer (it then needs at least 2 cells per training minibatch)."
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 # %% ../nbs/03_core.nn.ipynb #d11fb6fb
 class MaskedLinear(nn.Linear):

@@ -5,73 +5,136 @@
 # %% ../nbs/08_core.tl.ipynb #85808530
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from fastcore.docments import docments
+from scanpy import logging as logg
 
-from .base import REGISTRY
+from .base import REGISTRY, TL_OUTPUTS, ModelInfo
 
 # %% auto #0
-__all__ = ['dca', 'scvi', 'saverx', 'autoimpute', 'run_method']
+__all__ = ['TL_OPTIONS', 'output_keys', 'run_method', 'make_wrapper']
 
 # %% ../nbs/08_core.tl.ipynb #33a35be1
+TL_OPTIONS = dict(  # the training and output options every tl function takes: name -> (default, description)
+    max_epochs=(None, "training epochs (the method's default if None)"),
+    batch_size=(None, "cells per minibatch (the method's default if None)"),
+    device=("auto", "'auto' (cuda -> mps -> cpu), 'cpu', 'cuda', ..."),
+    seed=(0, "random seed of weights, splits and minibatches"),
+    progress_bar=(True, "show training progress"),
+    train_kwargs=(None, "further `model.train` options (lr, patience, validation_fraction, ...)"),
+    copy=(False, "return a new AnnData instead of writing into `adata`"),
+    key_added=(None, "prefix of the written keys (default: the method's name)"),
+    return_model=(False, "also return the trained model"),
+)
+
+def output_keys(cls: type, key: str = "{key}") -> list[tuple[str, str, str]]:
+    "The (AnnData slot, key, getter) triples `scdeep_nb.tl` writes for a model class."
+    spec = [TL_OUTPUTS[c] for c in getattr(cls, "capabilities", ()) if c in TL_OUTPUTS]
+    spec += list(getattr(cls, "tl_outputs", None) or [])
+    seen, out = set(), []
+    for slot, template, getter in spec:
+        k = template.format(key=key)
+        if (slot, k) not in seen:
+            seen.add((slot, k)); out.append((slot, k, getter))
+    return out
+
+def _init_parameters(cls) -> list[inspect.Parameter]:
+    "The class's constructor arguments after `adata`, as keyword arguments."
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # drop self, adata
+    return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+def _where_counts_came_from(model) -> str | None:
+    "The layer the counts were read from (None: X), whatever `layer=` was."
+    src = model.data.source
+    return src[len("layers['"):-2] if src.startswith("layers[") else None
+
+# %% ../nbs/08_core.tl.ipynb #64882585
 def run_method(
     name: str,  # registered method name (see `scdeep_nb.models.REGISTRY`)
     adata: AnnData,  # cells x genes with raw counts in `layer`, `layers["counts"]` or `X`
-    *,
-    layer: str | None = None,  # layer with the counts
-    batch_key: str | None = None,  # `obs` column with batches (methods that use them)
-    labels_key: str | None = None,  # `obs` column with labels (supervised methods)
-    copy: bool = False,  # return a new AnnData instead of writing in place
-    key_added: str | None = None,  # prefix of the written keys (default: the method's name)
-    max_epochs: int | None = None,  # training epochs (method default if None)
-    train_kwargs: dict | None = None,  # further `model.train` options (batch_size, device, seed, lr, ...)
-    return_model: bool = False,  # also return the trained model
-    **hparams,  # the method's hyperparameters
+    **kwargs,  # the method's own arguments (see its class) and the options of `TL_OPTIONS`
 ):
     "Train a registered method on `adata` and write its outputs to the standard AnnData keys."
     import scdeep_nb.models  # noqa: F401  (imports every method so the registry is complete)
     if name not in REGISTRY:
         raise KeyError(f"No method named {name!r}; available: {sorted(REGISTRY)}.")
     info = REGISTRY[name]
-    adata = adata.copy() if copy else adata
-    keys = {k: v for k, v in dict(batch_key=batch_key, labels_key=labels_key).items() if v is not None}
-    model = info.cls(adata, layer=layer, **keys, **hparams)
-    model.train(max_epochs=max_epochs, **(train_kwargs or {}))
-    key = key_added or name
-    if "embed" in info.capabilities:
-        adata.obsm[f"X_{key}"] = np.asarray(model.get_latent_representation())
-    if "denoise" in info.capabilities:
-        adata.layers[f"{key}_denoised"] = np.asarray(model.get_normalized_expression())
-    if "cluster" in info.capabilities:
-        adata.obs[f"{key}_cluster"] = pd.Categorical(np.asarray(model.predict()).astype(str))
-    elif "classify" in info.capabilities:
-        adata.obs[f"{key}_label"] = pd.Categorical(np.asarray(model.predict()).astype(str))
-    if "correct" in info.capabilities:
-        adata.obsm[f"X_{key}_corrected"] = np.asarray(model.transform())
+    opts = {k: kwargs.pop(k, default) for k, (default, _) in TL_OPTIONS.items()}
+    accepted = [p.name for p in _init_parameters(info.cls)]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"tl.{name}() got argument(s) {unknown} that {info.cls.__name__} does not take. "
+                        f"{info.cls.__name__} takes: {', '.join(accepted)}; every tl function also takes: "
+                        f"{', '.join(TL_OPTIONS)}.")
+    adata = adata.copy() if opts["copy"] else adata
+    model = info.cls(adata, **kwargs)
+    train_kwargs = dict(opts["train_kwargs"] or {})
+    for k in ("device", "seed", "progress_bar"):
+        train_kwargs.setdefault(k, opts[k])
+    model.train(max_epochs=opts["max_epochs"], batch_size=opts["batch_size"], **train_kwargs)
+    key = opts["key_added"] or name
+    written = []
+    for slot, k, getter in output_keys(info.cls, key):
+        value = getattr(model, getter)()
+        if slot == "obs":
+            adata.obs[k] = pd.Categorical(np.asarray(value).astype(str))
+        else:
+            getattr(adata, slot)[k] = value if isinstance(value, (pd.DataFrame, dict)) else np.asarray(value)
+        written.append(f"'{k}', {getter.replace('get_', '').replace('_', ' ')} (adata.{slot})")
     h = model.history
-    adata.uns[key] = {"params": json.loads(json.dumps(dict(method=name, **model.init_params, **(train_kwargs or {}),
-                                                           max_epochs=max_epochs), default=str)),
+    params = dict(method=name, **model.init_params)
+    params.update({k: v for k, v in train_kwargs.items() if k != "progress_bar"})
+    params.update(layer=_where_counts_came_from(model), counts_source=model.data.source,
+                  max_epochs=int(h["epoch"].max()) + 1 if len(h) else 0, batch_size=opts["batch_size"])
+    adata.uns[key] = {"params": json.loads(json.dumps(params, default=str)),
                       "history": {c: float(h[c].iloc[-1]) for c in h.columns if c.endswith("loss")} if len(h) else {}}
-    result = adata if copy else None
-    return (result, model) if return_model else result
+    written.append(f"'{key}', settings and final losses (adata.uns)")
+    logg.info(f"    finished {name}: added\n    " + "\n    ".join(written))
+    result = adata if opts["copy"] else None
+    return (result, model) if opts["return_model"] else result
 
 # %% ../nbs/08_core.tl.ipynb #54abe8d6
-def _wrapper(method: str, doc: str):
-    def fn(adata: AnnData, *, layer=None, copy=False, key_added=method, max_epochs=None, train_kwargs=None,
-           return_model=False, **hparams):
-        return run_method(method, adata, layer=layer, copy=copy, key_added=key_added, max_epochs=max_epochs,
-                          train_kwargs=train_kwargs, return_model=return_model, **hparams)
-    fn.__name__ = fn.__qualname__ = method
-    fn.__doc__ = doc + (f" Writes the keys listed in `scdeep_nb.tl`; hyperparameters are those of "
-                        f"`scdeep_nb.models.{method}`. `batch_key=` / `labels_key=` pass through where the method "
-                        f"uses them.")
+def make_wrapper(info: ModelInfo):
+    "The scanpy-style function of a registered method, with the method's own signature and a docstring of keys."
+    cls, name = info.cls, info.name
+    init = _init_parameters(cls)
+    options = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=d) for k, (d, _) in TL_OPTIONS.items()]
+    sig = inspect.Signature([inspect.Parameter("adata", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=AnnData),
+                             *init, *options])
+
+    def fn(adata, **kwargs):
+        return run_method(name, adata, **kwargs)
+
+    docs = docments(cls.__init__)
+    summary = (cls.__doc__ or name).strip().splitlines()[0]
+    lines = [f"Train {cls.__name__} on `adata` and write its results (scanpy style). {summary}", "",
+             "Parameters (the method's, see `" + f"{cls.__module__}.{cls.__name__}`):",
+             "    adata: cells x genes with raw counts in `layer`, `layers['counts']` or `X`"]
+    lines += [f"    {p.name}={p.default!r}: {docs.get(p.name) or ''}" for p in init]
+    lines += ["", "Options:"] + [f"    {k}={d!r}: {text}" for k, (d, text) in TL_OPTIONS.items()]
+    lines += ["", "Writes (with key = key_added or " + repr(name) + "):"]
+    lines += [f"    adata.{slot}[{k!r}]: from `model.{getter}()`" for slot, k, getter in output_keys(cls)]
+    lines += ["    adata.uns['{key}']: {'params': settings (incl. the layer the counts came from), "
+              "'history': final losses}", "",
+              "Returns: None (copy=False) or a new AnnData (copy=True); with return_model=True, (that, model)."]
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__doc__ = "\n".join(lines)
+    fn.__signature__ = sig
     return fn
 
-dca = _wrapper("dca", "Denoise counts with DCA (Eraslan et al. 2019): `layers['dca_denoised']`, `obsm['X_dca']`.")
-scvi = _wrapper("scvi", "Fit scVI (Lopez et al. 2018): latent space `obsm['X_scvi']`, normalised expression "
-                "`layers['scvi_denoised']`.")
-saverx = _wrapper("saverx", "Denoise counts with SAVER-X (Wang et al. 2019): `layers['saverx_denoised']`.")
-autoimpute = _wrapper("autoimpute", "Impute with AutoImpute (Talwar et al. 2018): `layers['autoimpute_denoised']`.")
+def _install_wrappers(namespace: dict) -> list[str]:
+    "Add one function per registered method to `namespace`."
+    import scdeep_nb.models  # noqa: F401  (registers every method)
+    for name, info in REGISTRY.items():
+        if name.isidentifier():
+            namespace[name] = make_wrapper(info)
+    return sorted(REGISTRY)
+
+__all__ = ["run_method", "make_wrapper", "output_keys", "TL_OPTIONS", *_install_wrappers(globals())]
