@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: no ipywidgets needed (tqdm.auto warns "IProgress not found" without it)
 
 # %% auto #0
 __all__ = ['LossOutput', 'ModuleProtocol', 'BaseModule', 'get_device', 'set_seed', 'get_rng_state', 'set_rng_state',
