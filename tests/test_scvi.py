@@ -1,5 +1,8 @@
 """Library-level behaviour tests of scdeep_nb.models.scvi (fast: one small fit shared by the tests)."""
+import inspect
+
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import torch
@@ -8,7 +11,8 @@ from sklearn.metrics import roc_auc_score
 from scdeep_nb.datasets import simulate
 from scdeep_nb.metrics import batch_asw, ilisi, leiden_ari
 from scdeep_nb.models import REGISTRY
-from scdeep_nb.models.scvi import SCVI, SCVIModule, bayes_factor_de, scvi_max_epochs
+from scdeep_nb.models.scvi import (SCVI, SCVIModule, bayes_factor_de, estimate_pseudocounts, pair_samples,
+                                   scvi_max_epochs)
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +63,80 @@ def test_latent_mixes_batches_and_keeps_groups(sim, fitted):
     assert leiden_ari(z, group) >= leiden_ari(e_pca, group) - 0.05
 
 
+def test_de_defaults_are_scvi_tools(sim):
+    "Defaults of scvi-tools 1.4.2's differential_expression / get_bayes_factors (vanilla, delta 0.25, three-form...)."
+    defaults = {k: p.default for k, p in inspect.signature(SCVI.differential_expression).parameters.items()}
+    assert defaults["mode"] == "vanilla" and defaults["delta"] == 0.25 and defaults["test_mode"] == "three"
+    assert defaults["pseudocounts"] is None and defaults["threshold_counts"] == 0.01
+    assert defaults["n_samples_overall"] == 5000 and defaults["use_permutation"] is False
+    assert defaults["m_permutation"] == 10000 and defaults["batch_correction"] is False
+    assert defaults["fdr_target"] == 0.05 and defaults["all_stats"] is True
+    assert inspect.signature(bayes_factor_de).parameters["mode"].default == "vanilla"
+    # three-form test: P(up) = 0.6, P(down) = 0.3 gives proba_de = max = 0.6 (two-form: the sum, 0.9)
+    lfc = np.r_[np.full(60, 1.0), np.full(30, -1.0), np.zeros(10)]
+    s1, s2 = np.full((100, 1), 0.01) * 2.0 ** lfc[:, None], np.full((100, 1), 0.01)
+    assert bayes_factor_de(s1, s2, mode="change")["proba_de"][0] == pytest.approx(0.6)
+    assert bayes_factor_de(s1, s2, mode="change", test_mode="two")["proba_de"][0] == pytest.approx(0.9)
+    # pseudocount rule: 90th percentile of the largest sampled rho of not-expressed genes, / n_genes, >= 1e-10
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0, 1e-3, (50, 10)), rng.uniform(0, 2e-3, (50, 10))
+    off = np.arange(10) < 4
+    assert estimate_pseudocounts(a, b, off, off) == pytest.approx(np.quantile(b.max(0)[:4], 0.9) / 10)
+    assert estimate_pseudocounts(a, b, ~off & False, ~off & False) == 1e-10
+    # default pairing: the i-th samples; with equal decoding batches, only within a batch
+    i1, i2 = pair_samples(5, 7)
+    assert (i1 == np.arange(5)).all() and (i2 == np.arange(5)).all()
+    b1, b2 = np.array(["a", "b", "a", "b"]), np.array(["b", "b", "a", "a"])
+    i1, i2 = pair_samples(4, 4, b1, b2)
+    assert (b1[i1] == b2[i2]).all() and len(i1) == 4
+
+
+def test_de_table_like_scvi_tools(sim, fitted):
+    genes = set(sim.var_names)
+    de = fitted.differential_expression("group", n_samples_overall=1000)
+    assert list(de.columns) == ["proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2", "raw_mean1", "raw_mean2",
+                                "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1",
+                                "raw_normalized_mean2", "comparison", "group1", "group2"]
+    change = fitted.differential_expression("group", mode="change", n_samples_overall=1000)
+    assert {"proba_de", "proba_not_de", "pseudocounts", "delta", "lfc_mean", "lfc_median", "lfc_std",
+            "is_de_fdr_0.05"} <= set(change.columns)
+    for table, key in ((de, "bayes_factor"), (change, "proba_de")):
+        for g in sim.obs["group"].cat.categories:
+            block = table[table.group1 == g]
+            assert set(block.index) == genes and block.index.is_unique  # indexed by gene name
+            assert block.group2.eq("Rest").all() and block.comparison.eq(f"{g} vs Rest").all()
+            assert block[key].is_monotonic_decreasing
+    assert (change.pseudocounts > 0).all() and change.delta.eq(0.25).all()
+    np.testing.assert_allclose(de.proba_m1 + de.proba_m2, 1.0)
+    two = fitted.differential_expression("group", group1="Group1", group2="Group2", n_samples_overall=500)
+    assert two.comparison.eq("Group1 vs Group2").all() and len(two) == sim.n_vars
+    with pytest.raises(ValueError, match="batch_correction=True"):
+        fitted.differential_expression("group", batchid1=["Batch1"])
+    with pytest.raises(ValueError, match="Batch1"):
+        fitted.differential_expression("group", batch_correction=True, batchid1=["Batch9"])
+
+
 def test_de_ranks_true_markers(sim, fitted):
-    de = fitted.differential_expression("group", n_samples=1000, m_permutation=5000)
-    assert {"proba_de", "bayes_factor", "lfc_mean", "lfc_median", "group1", "group2", "gene"} <= set(de.columns)
+    "On strong, clean markers every ranking beats chance by far and stays within 0.05 of Wilcoxon's AUROC."
+    # measured (seed 1, 250 epochs): ours 0.86-0.92 per group and ranking, Wilcoxon 0.86-0.89; worst gap -0.022
+    lognorm = sim.copy()
+    lognorm.X = lognorm.layers["counts"].copy()
+    sc.pp.normalize_total(lognorm, target_sum=1e4)
+    sc.pp.log1p(lognorm)
+    sc.tl.rank_genes_groups(lognorm, "group", method="wilcoxon")
+    tables = {"vanilla": (fitted.differential_expression("group", n_samples_overall=2000), "bayes_factor"),
+              "change": (fitted.differential_expression("group", mode="change", n_samples_overall=2000), "proba_de"),
+              "batch_correction": (fitted.differential_expression("group", batch_correction=True,
+                                                                  n_samples_overall=2000), "bayes_factor")}
     for g in sim.obs["group"].cat.categories:
-        res = de[de.group1 == g]
-        assert res.group2.eq("rest").all() and res.proba_de.is_monotonic_decreasing
-        res = res.set_index("gene").loc[sim.var_names]
-        assert roc_auc_score(sim.var[f"is_de_{g}"], res.proba_de) > 0.75
+        truth = sim.var[f"is_de_{g}"]
+        wilcoxon = roc_auc_score(truth, sc.get.rank_genes_groups_df(lognorm, g).set_index("names")
+                                 .loc[sim.var_names, "scores"].abs())
+        for name, (table, key) in tables.items():
+            values = table[table.group1 == g].loc[sim.var_names, key]
+            auc = roc_auc_score(truth, values.abs() if key == "bayes_factor" else values)
+            assert auc > 0.8, (g, name, auc)
+            assert auc > wilcoxon - 0.05, (g, name, auc, wilcoxon)
 
 
 def test_outputs_and_save_load(sim, fitted, tmp_path):
@@ -112,5 +182,5 @@ def test_module_options_and_bayes_factor():
     rng = np.random.default_rng(0)
     s1, s2 = np.full((300, 5), 0.2) * np.exp(rng.normal(0, 0.05, (300, 5))), np.full((300, 5), 0.2)
     s1[:, 0] *= 3
-    res = bayes_factor_de(s1, s2)
+    res = bayes_factor_de(s1, s2, mode="change")
     assert res["proba_de"][0] > 0.99 and res["proba_de"][1:].max() < 0.5

@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
+from sklearn.mixture import GaussianMixture
 from torch import nn
 from torch.distributions import Normal
 
@@ -22,7 +25,8 @@ from ..nn import FCLayers, one_hot
 from ..train import LossOutput, TrainingPlan
 
 # %% auto #0
-__all__ = ['scvi_max_epochs', 'library_log_prior', 'SCVIModule', 'bayes_factor_de', 'posterior_fdr_de', 'SCVI']
+__all__ = ['scvi_max_epochs', 'library_log_prior', 'SCVIModule', 'pair_samples', 'estimate_pseudocounts', 'estimate_delta',
+           'bayes_factor_de', 'posterior_fdr_de', 'raw_counts_properties', 'SCVI']
 
 # %% ../../nbs/11_models.scvi.ipynb #b532ad65
 def scvi_max_epochs(n_cells: int) -> int:
@@ -218,53 +222,119 @@ class SCVIModule(nn.Module):
         return torch.stack(out)
 
 # %% ../../nbs/11_models.scvi.ipynb #916200fe
+def pair_samples(
+    n1: int,  # samples of population 1
+    n2: int,  # samples of population 2
+    batches1: np.ndarray | None = None,  # decoding batch of each sample of population 1 (None: observed batches)
+    batches2: np.ndarray | None = None,  # same for population 2
+    *,
+    use_permutation: bool = False,  # False: pair the i-th samples; True: draw `m_permutation` random pairs
+    m_permutation: int = 10000,  # random pairs (split evenly over batches) when use_permutation=True
+    rng: np.random.Generator | None = None,  # random pairs are drawn with it
+) -> tuple[np.ndarray, np.ndarray]:  # row indices (i1, i2) of the paired samples
+    "Pair posterior samples of two populations the way scvi-tools does: within decoding batches when both use the same ones."
+    rng = np.random.default_rng(0) if rng is None else rng
+    def pair(rows1, rows2, m):
+        if use_permutation:
+            return rng.choice(rows1, m), rng.choice(rows2, m)
+        k = min(len(rows1), len(rows2))
+        return rows1[:k], rows2[:k]
+    all1, all2 = np.arange(n1), np.arange(n2)
+    if batches1 is None or batches2 is None:
+        return pair(all1, all2, m_permutation)
+    batches1, batches2 = np.asarray(batches1), np.asarray(batches2)
+    u1, u2 = set(np.unique(batches1).tolist()), set(np.unique(batches2).tolist())
+    if u1 != u2:  # different decoding batches: compare across them
+        if u1 & u2:
+            warnings.warn("The decoding batches of the two populations overlap without being equal; pairs ignore "
+                          "batches and batch correction is not trustworthy (as in scvi-tools).", UserWarning)
+        return pair(all1, all2, m_permutation)
+    per_batch = [pair(np.flatnonzero(batches1 == b), np.flatnonzero(batches2 == b), m_permutation // len(u1))
+                 for b in sorted(u1)]
+    return np.concatenate([p[0] for p in per_batch]), np.concatenate([p[1] for p in per_batch])
+
+def estimate_pseudocounts(
+    scales1: np.ndarray,  # paired samples of ρ of population 1, (samples, genes)
+    scales2: np.ndarray,  # paired samples of ρ of population 2
+    undetected1: np.ndarray,  # genes not expressed in population 1 (mean raw count < threshold), bool (genes,)
+    undetected2: np.ndarray,  # same for population 2
+    quantile: float = 0.9,  # quantile over the not-expressed genes of their largest sampled ρ
+) -> float:
+    "scvi-tools' pseudocount: the `quantile` of the largest ρ of not-expressed genes (larger population), / n_genes, >= 1e-10."
+    def artefact(scales, undetected):
+        undetected = np.asarray(undetected, dtype=bool)
+        return float(np.quantile(scales.max(0)[undetected], quantile)) if undetected.any() else 1e-10
+    n_genes = scales1.shape[1]
+    return max(1e-10, max(artefact(scales1, undetected1), artefact(scales2, undetected2)) / n_genes)
+
+def estimate_delta(
+    lfc_means: np.ndarray,  # posterior mean LFC of each gene, (genes,)
+    coef: float = 0.6,  # fraction of the mean distance of the outer modes
+    min_thres: float = 0.1,  # smallest threshold returned
+    seed: int = 0,  # seed of the mixture fit
+) -> float:
+    "An LFC threshold from the data: coef × mean |mean| of the outer components of a 3-component Gaussian mixture."
+    lfc_means = np.asarray(lfc_means, dtype=np.float64)
+    if lfc_means.ndim != 1:
+        raise ValueError(f"lfc_means must be one value per gene; got shape {lfc_means.shape}.")
+    means = np.sort(GaussianMixture(n_components=3, random_state=seed).fit(lfc_means[:, None]).means_.ravel())
+    return float(max(min_thres, coef * np.abs(means[[0, -1]]).mean()))
+
 def bayes_factor_de(
     scales1: np.ndarray,  # posterior samples of ρ for population 1, (samples, genes)
     scales2: np.ndarray,  # posterior samples of ρ for population 2, (samples, genes)
     *,
-    mode: str = "change",  # "change" (P(|LFC| > delta)) or "vanilla" (P(ρ1 > ρ2))
-    delta: float = 0.25,  # LFC threshold of change mode (log2 scale)
-    m_permutation: int = 10000,  # random pairs of samples compared
-    pseudocount: float = 0.0,  # added to ρ before the log (a 1e-12 floor avoids log 0)
-    batches1: np.ndarray | None = None,  # batch each sample of population 1 was decoded in (pairs stay within a batch)
+    mode: str = "vanilla",  # "vanilla": P(ρ1 > ρ2) (scvi-tools' default); "change": P(LFC beyond ±delta)
+    delta: float | None = 0.25,  # LFC threshold (log2) of change mode; None: `estimate_delta`
+    test_mode: str = "three",  # change mode: "three" max(P(up), P(down)); "two" P(up) + P(down)
+    pseudocounts: float | None = None,  # change mode: added to ρ before the log; None: `estimate_pseudocounts`
+    undetected1: np.ndarray | None = None,  # genes not expressed in population 1 (for pseudocounts=None; None: none)
+    undetected2: np.ndarray | None = None,  # same for population 2
+    batches1: np.ndarray | None = None,  # decoding batch of each sample of population 1 (see `pair_samples`)
     batches2: np.ndarray | None = None,  # same for population 2
-    seed: int = 0,  # seed of the random pairing
+    use_permutation: bool = False,  # see `pair_samples`
+    m_permutation: int = 10000,  # see `pair_samples`
+    seed: int = 0,  # seed of random pairs and of the delta estimate
     gene_chunk: int = 2048,  # genes processed at once (bounds memory)
-) -> dict:  # per-gene arrays
-    "Bayes factors and log-fold-change summaries of differential expression from posterior samples of ρ."
-    _check_choice(mode, ("change", "vanilla"), "mode")
+) -> dict:  # per-gene arrays (and the scalars pseudocounts, delta in change mode)
+    "Bayes factors (and, in change mode, LFC summaries) of differential expression from posterior samples of ρ."
+    _check_choice(mode, ("vanilla", "change"), "mode")
+    _check_choice(test_mode, ("three", "two"), "test_mode")
     scales1, scales2 = np.asarray(scales1, dtype=np.float32), np.asarray(scales2, dtype=np.float32)
     if scales1.ndim != 2 or scales2.ndim != 2 or scales1.shape[1] != scales2.shape[1]:
         raise ValueError(f"scales must be (samples, genes) arrays with the same genes; got {scales1.shape} "
                          f"and {scales2.shape}.")
-    rng = np.random.default_rng(seed)
-    if batches1 is None or batches2 is None:
-        i1 = rng.integers(len(scales1), size=m_permutation)
-        i2 = rng.integers(len(scales2), size=m_permutation)
-    else:  # pair samples decoded in the same batch, so batch effects cancel in the LFC
-        batches1, batches2 = np.asarray(batches1), np.asarray(batches2)
-        shared = np.intersect1d(batches1, batches2)
-        if not len(shared):
-            raise ValueError("The two populations share no batch to pair samples in.")
-        per = max(1, m_permutation // len(shared))
-        i1 = np.concatenate([rng.choice(np.flatnonzero(batches1 == b), per) for b in shared])
-        i2 = np.concatenate([rng.choice(np.flatnonzero(batches2 == b), per) for b in shared])
-    n_genes = scales1.shape[1]
-    keys = ("proba", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max")
-    res = {k: np.empty(n_genes) for k in keys}
-    for g0 in range(0, n_genes, gene_chunk):
-        sl = slice(g0, min(g0 + gene_chunk, n_genes))
-        a, b = scales1[i1, sl], scales2[i2, sl]
-        lfc = np.log2(a + pseudocount + 1e-12) - np.log2(b + pseudocount + 1e-12)
-        res["proba"][sl] = (np.abs(lfc) > delta).mean(0) if mode == "change" else (a > b).mean(0)
-        res["lfc_mean"][sl], res["lfc_median"][sl] = lfc.mean(0), np.median(lfc, 0)
-        res["lfc_std"][sl], res["lfc_min"][sl], res["lfc_max"][sl] = lfc.std(0), lfc.min(0), lfc.max(0)
-    p = res.pop("proba")
     eps = 1e-8
-    out = {"proba_de": p, "proba_not_de": 1 - p} if mode == "change" else {"proba_m1": p, "proba_m2": 1 - p}
-    out["bayes_factor"] = np.log(p + eps) - np.log(1 - p + eps)
-    out.update(res)
-    out["scale1"], out["scale2"] = scales1.mean(0), scales2.mean(0)
+    i1, i2 = pair_samples(len(scales1), len(scales2), batches1, batches2, use_permutation=use_permutation,
+                          m_permutation=m_permutation, rng=np.random.default_rng(seed))
+    n_genes = scales1.shape[1]
+    mean1, mean2 = scales1.mean(0), scales2.mean(0)
+    chunks = [slice(g0, min(g0 + gene_chunk, n_genes)) for g0 in range(0, n_genes, gene_chunk)]
+    if mode == "vanilla":
+        p = np.concatenate([(scales1[i1, sl] > scales2[i2, sl]).mean(0) for sl in chunks])
+        return dict(proba_m1=p, proba_m2=1.0 - p, bayes_factor=np.log(p + eps) - np.log(1.0 - p + eps),
+                    scale1=mean1, scale2=mean2)
+    if pseudocounts is None:
+        none = np.zeros(n_genes, dtype=bool)
+        pseudocounts = estimate_pseudocounts(scales1[i1], scales2[i2], none if undetected1 is None else undetected1,
+                                             none if undetected2 is None else undetected2)
+    def lfc(sl, pc):
+        return np.log2(scales1[i1, sl] + pc) - np.log2(scales2[i2, sl] + pc)
+    if delta is None:
+        delta = estimate_delta(np.concatenate([lfc(sl, pseudocounts).mean(0) for sl in chunks]), seed=seed)
+    keys = ("proba_up", "proba_down", "mean", "median", "std", "min", "max")
+    res = {k: np.empty(n_genes) for k in keys}
+    for sl in chunks:
+        change = lfc(sl, pseudocounts)
+        res["proba_up"][sl], res["proba_down"][sl] = (change >= delta).mean(0), (change < -delta).mean(0)
+        reported = lfc(sl, 1e-3 * pseudocounts)  # a smaller pseudocount for the reported fold changes
+        res["mean"][sl], res["median"][sl], res["std"][sl] = reported.mean(0), np.median(reported, 0), reported.std(0)
+        res["min"][sl], res["max"][sl] = reported.min(0), reported.max(0)
+    up, down = res.pop("proba_up"), res.pop("proba_down")
+    p = np.maximum(up, down) if test_mode == "three" else up + down
+    out = dict(proba_de=p, proba_not_de=1.0 - p, bayes_factor=np.log(p + eps) - np.log(1.0 - p + eps),
+               scale1=mean1, scale2=mean2, pseudocounts=float(pseudocounts), delta=float(delta))
+    out.update({f"lfc_{k}": v for k, v in res.items()})
     return out
 
 def posterior_fdr_de(
@@ -275,32 +345,44 @@ def posterior_fdr_de(
     p = np.asarray(proba_de, dtype=np.float64)
     order = np.argsort(-p, kind="stable")
     expected_fdr = np.cumsum(1 - p[order]) / np.arange(1, len(p) + 1)
-    ok = np.flatnonzero(expected_fdr <= fdr_target)
+    n_called = int((expected_fdr <= fdr_target).sum())  # scvi-tools counts the passing prefix positions
     mask = np.zeros(len(p), dtype=bool)
-    if len(ok):
-        mask[order[: ok[-1] + 1]] = True
+    mask[order[:n_called]] = True
     return mask
 
-def _artefact_pseudocount(scales: np.ndarray, undetected: np.ndarray, q: float = 90) -> float:
-    "90th percentile of the largest sampled ρ among genes never detected in a population (1e-10 if none)."
-    if not undetected.any():
-        return 1e-10
-    return float(np.percentile(scales[:, undetected].max(0), q))
+def raw_counts_properties(
+    counts,  # raw counts, cells x genes (dense or scipy sparse)
+    cells1: np.ndarray,  # rows of population 1
+    cells2: np.ndarray,  # rows of population 2
+) -> dict:  # per-gene arrays
+    "Mean raw count, fraction of non-zeros and mean counts per 10 000 of each population (scvi-tools' `all_stats`)."
+    library = np.asarray(counts.sum(1)).ravel()
+    scale = (1e4 / np.maximum(library, 1e-12)).reshape(-1, 1)
+    out = {}
+    for k, rows in (("1", cells1), ("2", cells2)):
+        x = counts[rows]
+        out[f"raw_mean{k}"] = np.asarray(x.mean(0)).ravel()
+        out[f"non_zeros_proportion{k}"] = np.asarray((x != 0).mean(0)).ravel()
+        normalised = x.multiply(scale[rows]) if sp.issparse(x) else x * scale[rows]
+        out[f"raw_normalized_mean{k}"] = np.asarray(normalised.mean(0)).ravel()
+    return {k: out[k] for k in ("raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2",
+                                "raw_normalized_mean1", "raw_normalized_mean2")}
 
-def _sample_population_scales(model, data_adata, cells: np.ndarray, n_samples: int, rng,
-                              batch_correction: bool, batch_size: int):
-    "Posterior samples of ρ for a population, (samples, genes), and the batch each was decoded in (or None)."
-    if len(cells) > n_samples:
-        cells = rng.choice(cells, n_samples, replace=False)
-    per_cell = max(1, n_samples // len(cells))
-    rows = np.sort(np.repeat(cells, per_cell))
-    if not batch_correction:
-        return model._forward_batches(lambda b: model._scales(b, None, 1.0, sample=True), data_adata, rows,
-                                      batch_size), None
-    cats = model.data.batch_categories
-    scales = [model._forward_batches(lambda b: model._scales(b, t, 1.0, sample=True), data_adata, rows, batch_size)
-              for t in cats]
-    return np.concatenate(scales, axis=0), np.repeat(np.arange(len(cats)), len(rows))
+# %% ../../nbs/11_models.scvi.ipynb #0a69c251
+def _sample_population_scales(model, adata, cells: np.ndarray, n_samples: int, rng: np.random.Generator,
+                              batch_names: list | None, batch_size: int):
+    "Posterior samples of ρ (library 1): random cells of the population, one fresh z each; and their decoding batches."
+    def draw(rows, batch_name):
+        return model._forward_batches(lambda b: model._scales(b, batch_name, 1.0, sample=True), adata, rows,
+                                      batch_size)
+    if batch_names is None:  # each cell decoded in its observed batch
+        return draw(rng.choice(cells, n_samples), None), None
+    per_batch = int(n_samples / len(batch_names))
+    if per_batch == 0:
+        warnings.warn(f"n_samples_overall={n_samples} gives no sample per batch; using 2 per batch.", UserWarning)
+        per_batch = 2
+    scales = [draw(rng.choice(cells, per_batch), name) for name in batch_names]
+    return np.concatenate(scales), np.repeat(np.asarray(batch_names, dtype=object), per_batch)
 
 # %% ../../nbs/11_models.scvi.ipynb #e3f0c652
 @register_model("scvi", capabilities=("embed", "denoise"))
@@ -407,11 +489,11 @@ class SCVI(BaseModel):
         adata: AnnData | None = None,  # data (same genes); None: the training data
         indices: Sequence[int] | None = None,  # rows (default all)
         transform_batch: str | Sequence[str] | None = None,  # decode as if in this batch (a list: average over them)
-        library_size: float | str | None = None,  # None: ρ × median training library; "latent": × each cell's ℓ; a number: ρ × number
-        n_samples: int = 0,  # 0: decode the posterior mean of z; k > 0: average over k posterior samples
+        library_size: float | str | None = None,  # None: ρ × median training library; "latent": × each cell's ℓ; a number: ρ × number (scvi-tools' default is 1)
+        n_samples: int = 0,  # 0: decode the posterior mean of z; k > 0: average over k posterior samples (scvi-tools' default is 1)
         batch_size: int = 1024,  # cells per forward pass
     ) -> np.ndarray:  # (cells, genes)
-        "Denoised, library-size-normalised expression ρ (scaled), optionally decoded in another batch."
+        "Denoised expression ρ × library (median by default; scvi-tools' default is `library_size=1, n_samples=1`)."
         self._check_trained()
         if isinstance(library_size, str) and library_size != "latent":
             raise ValueError(f"library_size={library_size!r}; use None, 'latent' or a positive number.")
@@ -491,37 +573,70 @@ class SCVI(BaseModel):
             return out.terms[term].reshape(1).repeat(b["x"].shape[0])
         return float(self._forward_batches(fn, adata, indices, batch_size).mean())
 
+    def _seen_batches(self) -> list[str]:
+        "Batch categories with at least one training cell (the only ones the decoder learned)."
+        cats = self.data.batch_categories
+        if self.data.batch is None:
+            return list(cats)
+        counts = np.bincount(self.data.batch, minlength=len(cats))
+        return [c for c, n in zip(cats, counts) if n > 0]
+
     def differential_expression(
         self,
         groupby: str,  # `obs` column defining the populations (e.g. clusters or cell types)
         group1: str | Sequence[str] | None = None,  # group(s) to test; None: every group, each against the rest
-        group2: str | None = None,  # reference group; None: all other cells ("rest")
+        group2: str | None = None,  # reference group; None: all other cells ("Rest")
         *,
         adata: AnnData | None = None,  # data (same genes); None: the training data
-        mode: str = "change",  # "change": P(|LFC| > delta) (scvi-tools default); "vanilla": P(ρ1 > ρ2)
-        delta: float = 0.25,  # LFC threshold (log2) of change mode
-        n_samples: int = 5000,  # posterior samples of ρ per population
-        m_permutation: int = 10000,  # random pairs of samples compared per gene
-        batch_correction: bool = False,  # decode every sample in every batch; compare samples of the same batch
-        pseudocount: float | None = 0.0,  # added to ρ before logs (scvi-tools' default 0); None: estimated from undetected genes
-        fdr_target: float = 0.05,  # posterior expected FDR of the `is_de_fdr_<target>` column
+        mode: str = "vanilla",  # "vanilla": P(ρ1 > ρ2) (scvi-tools' default); "change": P(LFC beyond ±delta)
+        delta: float | None = 0.25,  # LFC threshold (log2) of change mode; None: estimated from the data
+        test_mode: str = "three",  # change mode: "three" max(P(up), P(down)) (scvi-tools' default); "two": sum
+        pseudocounts: float | None = None,  # change mode: added to ρ before logs; None: estimated (scvi-tools' default)
+        threshold_counts: float = 0.01,  # mean raw count below which a gene counts as not expressed in a population
+        n_samples_overall: int = 5000,  # posterior samples of ρ per population
+        use_permutation: bool = False,  # False: pair the i-th samples of the two populations; True: random pairs
+        m_permutation: int = 10000,  # random pairs when use_permutation=True
+        batch_correction: bool = False,  # decode every sample in every seen batch; pair samples of the same batch
+        batchid1: Sequence[str] | None = None,  # decoding batches of group1 (batch_correction=True; default: all seen)
+        batchid2: Sequence[str] | None = None,  # decoding batches of group2 (same rule)
+        fdr_target: float = 0.05,  # posterior expected FDR of the `is_de_fdr_<target>` column (change mode)
+        all_stats: bool = True,  # add raw count statistics of both populations
         seed: int = 0,  # seed of the posterior sampling and pairing
         batch_size: int = 1024,  # cells per forward pass
-    ) -> pd.DataFrame:
-        "Bayes-factor differential expression between groups of cells, sorted by evidence (scvi-tools' change mode)."
+    ) -> pd.DataFrame:  # indexed by gene, one block of rows per comparison
+        "Bayes-factor differential expression between groups of cells with scvi-tools' defaults (vanilla mode)."
         self._check_trained()
-        _check_choice(mode, ("change", "vanilla"), "mode")
+        _check_choice(mode, ("vanilla", "change"), "mode")
+        _check_choice(test_mode, ("three", "two"), "test_mode")
         source = self.adata if adata is None else adata
         data = self._data_for(adata)
         if groupby not in source.obs.columns:
             raise KeyError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(source.obs.columns)}).")
         col = source.obs[groupby]
-        cats = [str(c) for c in (col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else sorted(col.astype(str).unique()))]
+        cats = [str(c) for c in (col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype)
+                                 else sorted(col.astype(str).unique()))]
         values = col.astype(str).to_numpy()
         g1 = cats if group1 is None else ([group1] if isinstance(group1, str) else [str(g) for g in group1])
+        if group1 is None and len(cats) < 2:
+            raise ValueError(f"adata.obs[{groupby!r}] has a single group; differential expression needs two.")
         for g in g1 + ([str(group2)] if group2 is not None else []):
             if g not in cats:
                 raise ValueError(f"Group {g!r} is not in adata.obs[{groupby!r}] (groups: {cats}).")
+        if batch_correction:
+            seen = self._seen_batches()
+            ids = []
+            for name, given in (("batchid1", batchid1), ("batchid2", batchid2)):
+                given = seen if given is None else [str(b) for b in ([given] if isinstance(given, str) else given)]
+                for b in given:
+                    if b not in seen:
+                        raise ValueError(f"{name} has {b!r}, which is not a batch with training cells; "
+                                         f"the batches seen in training are {seen}.")
+                ids.append(given)
+        elif batchid1 is not None or batchid2 is not None:
+            raise ValueError("batchid1/batchid2 choose decoding batches and need batch_correction=True "
+                             "(scvi-tools refuses this combination too).")
+        else:
+            ids = [None, None]
         rng = np.random.default_rng(seed)
         X = data.X
         tables = []
@@ -530,26 +645,24 @@ class SCVI(BaseModel):
             for name1 in g1:
                 idx1 = np.flatnonzero(values == name1)
                 idx2 = np.flatnonzero(values != name1) if group2 is None else np.flatnonzero(values == str(group2))
-                name2 = "rest" if group2 is None else str(group2)
+                name2 = "Rest" if group2 is None else str(group2)
                 if len(idx1) == 0 or len(idx2) == 0:
                     raise ValueError(f"Group {name1!r} vs {name2!r}: one side has no cells.")
-                s1, b1 = _sample_population_scales(self, adata, idx1, n_samples, rng, batch_correction, batch_size)
-                s2, b2 = _sample_population_scales(self, adata, idx2, n_samples, rng, batch_correction, batch_size)
-                counts1, counts2 = X[idx1], X[idx2]
-                detected1 = np.asarray((counts1 > 0).sum(0)).ravel() / len(idx1)
-                detected2 = np.asarray((counts2 > 0).sum(0)).ravel() / len(idx2)
-                eps = pseudocount if pseudocount is not None else max(
-                    _artefact_pseudocount(s1, detected1 == 0), _artefact_pseudocount(s2, detected2 == 0))
-                stats = bayes_factor_de(s1, s2, mode=mode, delta=delta, m_permutation=m_permutation, pseudocount=eps,
-                                        batches1=b1, batches2=b2, seed=int(rng.integers(2**31)))
-                df = pd.DataFrame(dict(gene=np.asarray(self.var_names), group1=name1, group2=name2, **stats,
-                                       raw_mean1=np.asarray(counts1.mean(0)).ravel(),
-                                       raw_mean2=np.asarray(counts2.mean(0)).ravel(),
-                                       non_zeros_proportion1=detected1, non_zeros_proportion2=detected2))
+                s1, b1 = _sample_population_scales(self, adata, idx1, n_samples_overall, rng, ids[0], batch_size)
+                s2, b2 = _sample_population_scales(self, adata, idx2, n_samples_overall, rng, ids[1], batch_size)
+                stats = bayes_factor_de(
+                    s1, s2, mode=mode, delta=delta, test_mode=test_mode, pseudocounts=pseudocounts,
+                    undetected1=np.asarray(X[idx1].mean(0)).ravel() < threshold_counts,
+                    undetected2=np.asarray(X[idx2].mean(0)).ravel() < threshold_counts,
+                    batches1=b1, batches2=b2, use_permutation=use_permutation, m_permutation=m_permutation,
+                    seed=int(rng.integers(2**31)))
+                if all_stats:
+                    stats.update(raw_counts_properties(X, idx1, idx2))
+                df = pd.DataFrame(stats, index=pd.Index(np.asarray(self.var_names), name=None))
+                df = df.sort_values("proba_de" if mode == "change" else "bayes_factor", ascending=False,
+                                    kind="stable")
                 if mode == "change":
                     df[f"is_de_fdr_{fdr_target}"] = posterior_fdr_de(df["proba_de"].to_numpy(), fdr_target)
-                    df = df.sort_values("proba_de", ascending=False, kind="stable")
-                else:
-                    df = df.iloc[np.argsort(-np.abs(df["bayes_factor"].to_numpy()), kind="stable")]
+                df["comparison"], df["group1"], df["group2"] = f"{name1} vs {name2}", name1, name2
                 tables.append(df)
-        return pd.concat(tables, ignore_index=True)
+        return pd.concat(tables, axis=0)
