@@ -23,6 +23,46 @@ def _tensors(*args):
     kw = dict(dtype=ref.dtype, device=ref.device) if ref is not None else dict(dtype=torch.get_default_dtype())
     return torch.broadcast_tensors(*(a if torch.is_tensor(a) else torch.as_tensor(a, **kw) for a in args))
 
+# %% ../nbs/02_core.distributions.ipynb #6d2df05d
+_LGAMMA_TABLE_SIZE = 4096  # log x! of whole counts up to this comes from a cached table
+_LGAMMA_TABLES: dict = {}  # (dtype, device) -> lgamma(arange(size + 1) + 1)
+
+def _prepare(*args):
+    "Broadcast tensors and numbers together in their promoted floating dtype (at least float32)."
+    tensors = [a for a in args if torch.is_tensor(a)]
+    floats = [a.dtype for a in tensors if a.is_floating_point()]
+    dtype = floats[0] if floats else torch.get_default_dtype()
+    for d in floats[1:]:
+        dtype = torch.promote_types(dtype, d)
+    if dtype.itemsize < 4:
+        dtype = torch.float32
+    device = tensors[0].device if tensors else None
+    return torch.broadcast_tensors(*(a.to(dtype) if torch.is_tensor(a) else torch.tensor(a, dtype=dtype, device=device)
+                                     for a in args))
+
+def _use_reference(x: torch.Tensor) -> bool:
+    "Whether to use the plain autograd form: x needs a gradient, torch.compile is tracing, or the input is empty."
+    return x.requires_grad or torch.compiler.is_compiling() or x.numel() == 0
+
+def _is_counts(x: torch.Tensor) -> bool:
+    "Non-negative whole numbers in a floating CPU tensor (read on the host)."
+    return (x.device.type == "cpu" and x.is_floating_point() and x.numel() > 0
+            and bool(x.amin() >= 0) and torch.equal(x, x.round()))
+
+def _lgamma_counts(x: torch.Tensor) -> torch.Tensor:
+    "log x! elementwise: a cached table for whole counts on the CPU (no lgamma evaluated), `lgamma(x + 1)` otherwise."
+    if _use_reference(x) or not _is_counts(x):
+        return torch.lgamma(x + 1)
+    key = (x.dtype, x.device)
+    if key not in _LGAMMA_TABLES:
+        _LGAMMA_TABLES[key] = torch.lgamma(torch.arange(_LGAMMA_TABLE_SIZE + 1, dtype=x.dtype, device=x.device) + 1)
+    x = x.contiguous()
+    out = _LGAMMA_TABLES[key].take(x.clamp(max=_LGAMMA_TABLE_SIZE).long())
+    if x.amax() > _LGAMMA_TABLE_SIZE:  # the few larger counts: lgamma on those entries only
+        idx = (x.reshape(-1) > _LGAMMA_TABLE_SIZE).nonzero().squeeze(1)
+        out.view(-1)[idx] = torch.lgamma(x.reshape(-1)[idx] + 1)
+    return out
+
 # %% ../nbs/02_core.distributions.ipynb #40dfeaa7
 def log_poisson(
     x: torch.Tensor,  # counts
@@ -31,7 +71,7 @@ def log_poisson(
 ) -> torch.Tensor:
     "Elementwise Poisson log-likelihood $x\\log\\mu - \\mu - \\log x!$."
     x, mu = _tensors(x, mu)
-    return x * torch.log(mu + eps) - mu - torch.lgamma(x + 1)
+    return x * torch.log(mu + eps) - mu - _lgamma_counts(x)
 
 # %% ../nbs/02_core.distributions.ipynb #6cae6c8d
 _STIRLING_MIN_THETA = 10.0
@@ -65,6 +105,189 @@ def _log_nb_zero(mu, theta):
     return -theta * torch.log1p(mu / theta)
 
 # %% ../nbs/02_core.distributions.ipynb #db53d0d7
+def _log_nb_reference(x, mu, theta, eps=1e-8):
+    "The NB log-likelihood written directly with autograd (the specification of `log_nb`)."
+    x, mu, theta = _tensors(x, mu, theta)
+    return (x * torch.log(mu + eps) - torch.lgamma(x + 1)
+            + _lgamma_ratio_minus_xlog(x, theta)
+            - (x + theta) * torch.log1p(mu / theta))
+
+# %% ../nbs/02_core.distributions.ipynb #9e2f4b13
+_TABLE_K = 32  # whole counts 0..K of a gene with a per-gene theta are looked up in tables
+_DENSE_FRACTION = 0.5  # when more entries than this have counts > K, their extra term is evaluated densely
+
+def _stirling_correction_grad(z):
+    "c'(z) for c(z) = 1/(12 z) - 1/(360 z^3) + 1/(1260 z^5)."
+    z2 = z * z
+    return -(1.0 / 12.0 - (1.0 / 120.0 - 1.0 / (252.0 * z2)) / z2) / z2
+
+def _ratio_stirling(x, phi, grad: bool):
+    "R(x, phi) and dR/dphi in the plain form's Stirling branch (phi > 10; series for h below u = 1e-2)."
+    u = x / phi
+    l = torch.log1p(u)
+    small = u < 1e-2
+    h = torch.where(small, u * u * (0.5 - u * (1.0 / 6.0 - u * (1.0 / 12.0 - u * (1.0 / 20.0 - u / 30.0)))),
+                    (1 + u) * l - u)
+    r = phi * h - 0.5 * l + (_stirling_correction(phi + x) - _stirling_correction(phi))
+    if not grad:
+        return r, None
+    g = torch.where(small, -u * u * (0.5 - u * (1.0 / 3.0 - u * (0.25 - u * (0.2 - u / 6.0)))), l - u)
+    return r, g + 0.5 * u / (phi * (1 + u)) + (_stirling_correction_grad(phi + x) - _stirling_correction_grad(phi))
+
+def _ratio_direct(x, theta, grad: bool):
+    "R(x, theta) and dR/dtheta with lgamma / digamma (the plain form's branch for theta <= 10)."
+    r = torch.lgamma(x + theta) - torch.lgamma(theta) - x * torch.log(theta)
+    return r, (torch.digamma(x + theta) - torch.digamma(theta) - x / theta) if grad else None
+
+def _ratio_branches(x, theta, grad: bool, gather: bool):
+    "R and dR/dtheta with the plain form's two branches; `gather`: each on its own entries of 1-d inputs."
+    large = theta > _STIRLING_MIN_THETA
+    if gather:
+        r, dr = torch.empty_like(x), (torch.empty_like(x) if grad else None)
+        for idx, fn in ((large.nonzero().squeeze(1), _ratio_stirling), ((~large).nonzero().squeeze(1), _ratio_direct)):
+            if len(idx):
+                a, b = fn(x[idx], theta[idx], grad)
+                r[idx] = a
+                if grad: dr[idx] = b
+        return r, dr
+    th_small = torch.where(large, torch.ones_like(theta), theta)  # keep the unused branch finite
+    th_large = torch.where(large, theta, torch.full_like(theta, 2 * _STIRLING_MIN_THETA))
+    (rs, ds), (rd, dd) = _ratio_stirling(x, th_large, grad), _ratio_direct(x, th_small, grad)
+    return torch.where(large, rs, rd), (torch.where(large, ds, dd) if grad else None)
+
+def _stirling_terms(inv):
+    "c(z) and c'(z) to two terms from inv = 1/z (the same operations for every z, so c(z) - c(phi) is 0 at z = phi)."
+    inv2 = inv * inv
+    return inv.mul(1.0 / 12.0).sub_(inv2 * inv, alpha=1.0 / 360.0), (inv2 * inv2).mul_(1.0 / 120.0).sub_(inv2, alpha=1.0 / 12.0)
+
+def _ratio_shifted(x, phi, grad: bool):
+    "R(x, phi) and dR/dphi for phi >= K: two Stirling correction terms (error < 3e-11); h(u) needs no series here."
+    u = x / phi
+    l = torch.log1p(u)
+    cz, dcz = _stirling_terms((x + phi).reciprocal_())
+    cp, dcp = _stirling_terms(phi.reciprocal())
+    r = (u + 1).mul_(l).sub_(u).mul_(phi).sub_(l, alpha=0.5).add_(cz.sub_(cp))
+    if not grad:
+        return r, None
+    return r, (l - u).add_(0.5 * u / (phi * (1 + u))).add_(dcz.sub_(dcp))
+
+def _gene_tables(theta_row, grad: bool):
+    "Tables (K+1, genes): R(k, theta) - log k! and dR/dtheta for k = 0..K (R(k, theta) = sum_{j<k} log1p(j/theta))."
+    K = _TABLE_K
+    j = torch.arange(1, K, dtype=theta_row.dtype, device=theta_row.device)[:, None]
+    q = j / theta_row
+    table = theta_row.new_zeros(K + 1, theta_row.shape[-1])
+    torch.cumsum(torch.log1p(q), 0, out=table[2:])
+    table -= torch.lgamma(torch.arange(K + 1, dtype=table.dtype, device=table.device) + 1)[:, None]
+    if not grad:
+        return table, None
+    dtable = torch.zeros_like(table)
+    torch.cumsum(q.div_(theta_row + j).neg_(), 0, out=dtable[2:])
+    return table, dtable
+
+def _large_counts(xs, th, grad: bool):
+    "For counts K + xs (xs > 0): R(x, th) - log x! minus the table's entry at K, and its theta-derivative."
+    K = _TABLE_K
+    phi = th + K
+    r, dr = _ratio_shifted(xs, phi, grad)
+    lgk = torch.lgamma(torch.tensor(K + 1.0, dtype=xs.dtype, device=xs.device))
+    r.addcmul_(xs, torch.log1p(K / th)).sub_(torch.lgamma(xs + (K + 1.0)).sub_(lgk))  # log x! - log K!: 0 at xs = 0
+    if grad:
+        dr.addcmul_(xs, K / (th * phi), value=-1.0)
+    return r, dr
+
+def _gene_row(theta):
+    "The values along the last axis when theta is constant along every other axis (a per-gene theta), else None."
+    if theta.dim() < 2 or any(s != 0 and n != 1 for s, n in zip(theta.stride()[:-1], theta.shape[:-1])):
+        return None
+    return theta[(0,) * (theta.dim() - 1)]
+
+class _NB:
+    "Value and per-entry gradients of the NB log-likelihood (no autograd inside; used by the Functions below)."
+    @staticmethod
+    def forward(x, mu, theta, eps: float, grad: bool, counts: bool) -> tuple[torch.Tensor, dict]:
+        shape = x.shape
+        row = _gene_row(theta) if counts else None
+        if row is not None:  # whole counts, per-gene theta: work on (cells, genes) with theta as one row
+            x, mu, th = x.reshape(-1, shape[-1]), mu.reshape(-1, shape[-1]), row[None]
+        else:
+            x, th = x.contiguous(), theta
+        r = mu / th
+        l1p = torch.log1p(r)
+        lmu = (mu + eps).log_()
+        if not eps > 0:
+            lmu.clamp_min_(-torch.finfo(lmu.dtype).max)  # log 0: keep 0 * log(mu) = 0 at zero counts
+        out = torch.addcmul(lmu.sub_(l1p).mul_(x), th, l1p, value=-1.0).contiguous()  # x = 0: -theta log1p(mu/theta)
+        st = dict(shape=shape, x=x, mu=mu, th=th, r=r, l1p=l1p, table=row is not None)
+        if row is not None:
+            table, dtable = _gene_tables(row, grad)
+            xk = x.clamp(max=_TABLE_K)
+            st["k"] = k = xk.long()
+            out += table.gather(0, k)
+            st["dtable"] = dtable
+            if x.amax() > _TABLE_K:  # counts above K
+                xs = x - xk
+                if xs.clamp(max=1).sum().item() < _DENSE_FRACTION * xs.numel():
+                    idx = xs.view(-1).nonzero().squeeze(1)
+                    val, dr = _large_counts(xs.view(-1)[idx], row[idx % shape[-1]], grad)
+                    out.view(-1).index_add_(0, idx, val)
+                    st.update(large_idx=idx, large_dr=dr)
+                else:
+                    val, dr = _large_counts(xs, th, grad)
+                    out += val
+                    st["large_dr"] = dr
+        else:
+            flat = x.reshape(-1)
+            ths = th.expand(shape) if th.shape != shape else th
+            if x.device.type == "cpu":  # the x-dependent terms on the nonzero entries only
+                idx = flat.nonzero().squeeze(1)
+                if len(idx):
+                    xs = flat[idx]
+                    rr, dr = _ratio_branches(xs, ths.reshape(-1)[idx], grad, gather=True)
+                    out.view(-1).index_add_(0, idx, rr.sub_(torch.lgamma(xs + 1)))
+                    st.update(nz_idx=idx, nz_dr=dr)
+            else:  # no host synchronisation: both branches densely (they vanish at x = 0)
+                rr, dr = _ratio_branches(x, ths, grad, gather=False)
+                out += rr - torch.lgamma(x + 1)
+                st["nz_dr"] = dr
+        return out.reshape(shape), st
+
+    @staticmethod
+    def backward(eps: float, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        "d log NB / d mu and d log NB / d theta per entry."
+        x, mu, th, r, l1p = st["x"], st["mu"], st["th"], st["r"], st["l1p"]
+        xt = x + th
+        inv = (th + mu).reciprocal_()
+        dmu = torch.addcmul(x / (mu + eps), xt, inv, value=-1.0)
+        dth = xt.mul_(r).mul_(inv).sub_(l1p)
+        if st["table"]:
+            dth += st["dtable"].gather(0, st["k"])
+            if "large_idx" in st:
+                dth.view(-1).index_add_(0, st["large_idx"], st["large_dr"])
+            elif "large_dr" in st:
+                dth += st["large_dr"]
+        elif "nz_idx" in st:
+            dth.view(-1).index_add_(0, st["nz_idx"], st["nz_dr"])
+        elif "nz_dr" in st:
+            dth += st["nz_dr"]
+        return dmu.reshape(st["shape"]), dth.reshape(st["shape"])
+
+class _NBFunction(torch.autograd.Function):
+    "log NB(x | mu, theta) with hand-written first derivatives."
+    @staticmethod
+    def forward(ctx, x, mu, theta, eps):
+        out, ctx.st = _NB.forward(x, mu, theta, eps, grad=any(ctx.needs_input_grad[1:3]), counts=_is_counts(x))
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        dmu, dth = _NB.backward(ctx.eps, ctx.st)
+        return (None, dmu.mul_(g) if ctx.needs_input_grad[1] else None,
+                dth.mul_(g) if ctx.needs_input_grad[2] else None, None)
+
+# %% ../nbs/02_core.distributions.ipynb #dafef2da
 def log_nb(
     x: torch.Tensor,  # counts (may be non-integer)
     mu: torch.Tensor,  # mean, > 0
@@ -72,12 +295,53 @@ def log_nb(
     eps: float = 1e-8,  # added to `mu` inside the logarithm
 ) -> torch.Tensor:
     "Elementwise negative-binomial log-likelihood in mean/inverse-dispersion form; stable up to the Poisson limit."
-    x, mu, theta = _tensors(x, mu, theta)
-    return (x * torch.log(mu + eps) - torch.lgamma(x + 1)
-            + _lgamma_ratio_minus_xlog(x, theta)
-            - (x + theta) * torch.log1p(mu / theta))
+    x, mu, theta = _prepare(x, mu, theta)
+    if _use_reference(x):
+        return _log_nb_reference(x, mu, theta, eps)
+    return _NBFunction.apply(x, mu, theta, eps)
 
 # %% ../nbs/02_core.distributions.ipynb #3dd9749f
+def _log_zinb_reference(x, mu, theta, zi_logits, eps=1e-8):
+    "The logit-form ZINB written directly with autograd (the specification of `log_zinb`)."
+    x, mu, theta, zi_logits = _tensors(x, mu, theta, zi_logits)
+    case_zero = F.softplus(-zi_logits + _log_nb_zero(mu, theta)) - F.softplus(-zi_logits)
+    case_nonzero = -F.softplus(zi_logits) + _log_nb_reference(x, mu, theta, eps)
+    return torch.where(x < _ZERO_THRESHOLD, case_zero, case_nonzero)
+
+# %% ../nbs/02_core.distributions.ipynb #f7b22852
+class _ZINBFunction(torch.autograd.Function):
+    "Logit-form ZINB log-likelihood with hand-written first derivatives."
+    @staticmethod
+    def forward(ctx, x, mu, theta, zi, eps):
+        counts = _is_counts(x)
+        if counts:  # whole counts: 0/1 weights by arithmetic
+            nonzero = x.clamp(max=1)
+        else:
+            nonzero = (x >= _ZERO_THRESHOLD).to(mu.dtype)
+            x = x * nonzero  # counts below the threshold are zeros
+        zero = 1 - nonzero
+        nb, ctx.st = _NB.forward(x, mu, theta, eps, grad=any(ctx.needs_input_grad[1:3]), counts=counts)
+        neg_softplus = F.softplus(zi, beta=-1.0)  # -softplus(-zi)
+        a = nb.sub_(zi)
+        ctx.eps = eps
+        ctx.save_for_backward(zi, a, zero, nonzero)
+        return torch.addcmul(F.softplus(a).mul_(zero), a, nonzero).add_(neg_softplus)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        zi, a, zero, nonzero = ctx.saved_tensors
+        zero_sig = torch.sigmoid(a).mul_(zero)
+        dzi = torch.sigmoid(-zi).sub_(nonzero).sub_(zero_sig).mul_(g) if ctx.needs_input_grad[3] else None
+        dmu = dth = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            w = zero_sig.add_(nonzero).mul_(g)
+            dmu, dth = _NB.backward(ctx.eps, ctx.st)
+            dmu = dmu.mul_(w) if ctx.needs_input_grad[1] else None
+            dth = dth.mul_(w) if ctx.needs_input_grad[2] else None
+        return None, dmu, dth, dzi, None
+
+# %% ../nbs/02_core.distributions.ipynb #7d0b12c6
 def log_zinb(
     x: torch.Tensor,  # counts
     mu: torch.Tensor,  # NB mean, > 0
@@ -86,12 +350,22 @@ def log_zinb(
     eps: float = 1e-8,  # added to `mu` inside the logarithm
 ) -> torch.Tensor:
     "Elementwise zero-inflated NB log-likelihood with dropout given as logits (scVI's form)."
-    x, mu, theta, zi_logits = _tensors(x, mu, theta, zi_logits)
-    case_zero = F.softplus(-zi_logits + _log_nb_zero(mu, theta)) - F.softplus(-zi_logits)
-    case_nonzero = -F.softplus(zi_logits) + log_nb(x, mu, theta, eps)
-    return torch.where(x < _ZERO_THRESHOLD, case_zero, case_nonzero)
+    x, mu, theta, zi_logits = _prepare(x, mu, theta, zi_logits)
+    if _use_reference(x):
+        return _log_zinb_reference(x, mu, theta, zi_logits, eps)
+    return _ZINBFunction.apply(x, mu, theta, zi_logits, eps)
 
 # %% ../nbs/02_core.distributions.ipynb #e864ec7d
+def _log_zinb_prob_reference(x, mu, theta, pi, eps=1e-10):
+    "The probability-form ZINB written directly with autograd (the specification of `log_zinb_prob`)."
+    x, mu, theta, pi = _tensors(x, mu, theta, pi)
+    log_pi = torch.log(pi + eps)
+    log_one_minus_pi = torch.log((1 - pi) + eps)  # 1 - pi is exact near pi = 1; eps keeps pi = 1 finite
+    case_zero = torch.logaddexp(log_pi, log_one_minus_pi + _log_nb_zero(mu, theta))
+    case_nonzero = log_one_minus_pi + _log_nb_reference(x, mu, theta, eps)
+    return torch.where(x < _ZERO_THRESHOLD, case_zero, case_nonzero)
+
+# %% ../nbs/02_core.distributions.ipynb #c1b45872
 def log_zinb_prob(
     x: torch.Tensor,  # counts
     mu: torch.Tensor,  # NB mean, > 0
@@ -100,12 +374,15 @@ def log_zinb_prob(
     eps: float = 1e-10,  # guards log(pi), log(1 - pi), log(mu) (DCA uses 1e-10)
 ) -> torch.Tensor:
     "Elementwise zero-inflated NB log-likelihood with dropout given as a probability (DCA's form)."
-    x, mu, theta, pi = _tensors(x, mu, theta, pi)
-    log_pi = torch.log(pi + eps)
-    log_one_minus_pi = torch.log((1 - pi) + eps)  # 1 - pi is exact near pi = 1; eps keeps pi = 1 finite
-    case_zero = torch.logaddexp(log_pi, log_one_minus_pi + _log_nb_zero(mu, theta))
-    case_nonzero = log_one_minus_pi + log_nb(x, mu, theta, eps)
-    return torch.where(x < _ZERO_THRESHOLD, case_zero, case_nonzero)
+    x, mu, theta, pi = _prepare(x, mu, theta, pi)
+    if _use_reference(x):
+        return _log_zinb_prob_reference(x, mu, theta, pi, eps)
+    zero = x < _ZERO_THRESHOLD
+    if not _is_counts(x):
+        x = x.masked_fill(zero, 0.0)  # counts below the threshold are zeros
+    log_one_minus_pi = torch.log((1 - pi) + eps)
+    nb = log_one_minus_pi + _NBFunction.apply(x, mu, theta, eps)
+    return torch.where(zero, torch.logaddexp(torch.log(pi + eps), nb), nb)
 
 # %% ../nbs/02_core.distributions.ipynb #b8fc0947
 def log_normal(
