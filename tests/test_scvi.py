@@ -1,13 +1,16 @@
 """Library-level behaviour tests of scdeep_nb.models.scvi (fast: one small fit shared by the tests)."""
 import inspect
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 import torch
 from sklearn.metrics import roc_auc_score
 
+from scdeep_nb.checks import tiny_data
 from scdeep_nb.datasets import simulate
 from scdeep_nb.metrics import batch_asw, ilisi, leiden_ari
 from scdeep_nb.models import REGISTRY
@@ -96,7 +99,7 @@ def test_de_table_like_scvi_tools(sim, fitted):
     de = fitted.differential_expression("group", n_samples_overall=1000)
     assert list(de.columns) == ["proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2", "raw_mean1", "raw_mean2",
                                 "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1",
-                                "raw_normalized_mean2", "comparison", "group1", "group2"]
+                                "raw_normalized_mean2", "expressed", "comparison", "group1", "group2"]
     change = fitted.differential_expression("group", mode="change", n_samples_overall=1000)
     assert {"proba_de", "proba_not_de", "pseudocounts", "delta", "lfc_mean", "lfc_median", "lfc_std",
             "is_de_fdr_0.05"} <= set(change.columns)
@@ -178,9 +181,136 @@ def test_module_options_and_bayes_factor():
                                library_log_vars=[0.5, 0.5])
                 out = m.loss(b)
                 assert torch.isfinite(out.loss)
-                assert (out.terms["kl_library"].item() == 0) == observed
+                assert out.terms["reconstruction"].shape == (12,)  # per-cell terms
+                assert bool((out.terms["kl_library"] == 0).all()) == observed
     rng = np.random.default_rng(0)
     s1, s2 = np.full((300, 5), 0.2) * np.exp(rng.normal(0, 0.05, (300, 5))), np.full((300, 5), 0.2)
     s1[:, 0] *= 3
     res = bayes_factor_de(s1, s2, mode="change")
     assert res["proba_de"][0] > 0.99 and res["proba_de"][1:].max() < 0.5
+
+
+# --- the core contract (issue 6) and users' data (issue 7) --------------------------------------------------------
+
+def test_fixed_seed_same_outputs_as_before_the_migration():
+    "Values recorded with the pre-contract code (commit 851550f): the maths did not change, nor the seeded training."
+    adata = simulate(n_cells=120, n_genes=40, n_groups=2, n_batches=2, seed=3, lib_loc=8.0)
+    adata = adata[:, np.asarray((adata.layers["counts"] > 0).sum(0)).ravel() > 0].copy()
+    model = SCVI(adata, layer="counts", batch_key="batch", n_hidden=16, n_latent=3)
+    model.train(max_epochs=5, seed=0, device="cpu", progress_bar=False, batch_size=32)
+    np.testing.assert_allclose(model.get_latent_representation()[:3],
+                               [[-0.32204401, 0.43358365, 0.24661878], [-0.08260752, 0.5833093, 0.37605846],
+                                [-0.35018626, 0.2921761, 0.42291036]], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.get_normalized_expression()[:2, :4],
+                               [[65.71364, 106.12939, 110.08399, 65.30403], [65.37577, 104.14602, 110.48668, 64.51397]],
+                               rtol=1e-4)
+    np.testing.assert_allclose(model.get_normalized_expression(transform_batch="Batch2", library_size=1.0)[:2, :4],
+                               [[0.022350082, 0.022980476, 0.023749117, 0.024886724],
+                                [0.022054084, 0.022979558, 0.023258273, 0.024869654]], rtol=1e-4)
+    np.testing.assert_allclose(model.history.train_loss.iloc[-1], 231.22278114601417, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_data(n_cells=120, n_genes=40, seed=2)
+
+
+def test_never_detected_genes(tiny):
+    "Issue 7 section 1: kept with one warning, normal training, finite near-zero outputs, DE rows marked."
+    zero = tiny.copy()
+    for key in ("counts",):
+        counts = zero.layers[key].toarray()
+        counts[:, :3] = 0
+        zero.layers[key] = sp.csr_matrix(counts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = SCVI(zero, layer="counts", batch_key="batch", n_hidden=16)
+    assert sum("3 of" in str(w.message) and "zero counts in every cell" in str(w.message) for w in caught) == 1
+    model.train(max_epochs=50, batch_size=32, progress_bar=False, device="cpu")
+    assert not model.module.gene_detected[:3].any() and model.module.gene_detected[3:].all()
+    rho = model.get_normalized_expression()
+    assert np.isfinite(rho).all() and np.isfinite(model.get_latent_representation()).all()
+    assert np.isfinite(model.get_marginal_ll(n_mc_samples=5)) and np.isfinite(model.get_elbo())
+    # near zero next to the detected genes (measured 0.09 after these 50 epochs; ZINB without the rule: 1.7)
+    assert rho[:, :3].mean() < 0.2 * rho[:, 3:].mean()
+    de = model.differential_expression("group", n_samples_overall=300)
+    assert np.isfinite(de.select_dtypes("number").to_numpy()).all()
+    assert not de.loc[zero.var_names[:3], "expressed"].any() and de.loc[zero.var_names[3:], "expressed"].all()
+    change = model.differential_expression("group", mode="change", n_samples_overall=300)
+    assert not change.loc[zero.var_names[:3], "expressed"].any() and (change.pseudocounts > 1e-10).all()
+
+
+def test_tiny_inputs(tiny):
+    "Issue 7 section 2: batch-norm limits are clear errors whose suggested fix works."
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        SCVI(tiny, layer="counts", n_hidden=8).train(max_epochs=1, batch_size=1, progress_bar=False, device="cpu")
+    SCVI(tiny, layer="counts", n_hidden=8).train(max_epochs=1, batch_size=2, progress_bar=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one cell: most of its genes have no count
+        one = SCVI(tiny[:1].copy(), layer="counts", n_hidden=8)
+    with pytest.raises(ValueError, match="too few|at least 2"):
+        one.train(max_epochs=1, validation_fraction=0.0, progress_bar=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        few = SCVI(tiny[:5].copy(), layer="counts", n_hidden=8)
+    few.train(max_epochs=2, progress_bar=False, device="cpu")  # 5 cells, default split: trains
+    assert np.isfinite(few.get_latent_representation()).all()
+
+
+def test_batches_without_training_cells(tiny):
+    "Issue 7 section 3: decoding in, or correcting towards, an unused batch category is an error naming the seen ones."
+    unused = tiny.copy()
+    unused.obs["batch"] = pd.Categorical(unused.obs["batch"].astype(str),
+                                         categories=sorted(unused.obs["batch"].astype(str).unique()) + ["never_seen"])
+    model = SCVI(unused, layer="counts", batch_key="batch", n_hidden=16).train(max_epochs=5, progress_bar=False,
+                                                                                device="cpu")
+    seen = ["Batch1", "Batch2"]
+    assert model.seen_batches == seen
+    for call in (lambda: model.get_normalized_expression(transform_batch="never_seen"),
+                 lambda: model.get_normalized_expression(transform_batch=["Batch1", "never_seen"]),
+                 lambda: model.differential_expression("group", batch_correction=True, batchid1=["never_seen"])):
+        with pytest.raises(ValueError, match=r"never_seen.*\['Batch1', 'Batch2'\]"):
+            call()
+    # batch-corrected DE decodes in the seen batches only: the same table as naming them explicitly
+    auto = model.differential_expression("group", batch_correction=True, n_samples_overall=400)
+    named = model.differential_expression("group", batch_correction=True, batchid1=seen, batchid2=seen,
+                                          n_samples_overall=400)
+    pd.testing.assert_frame_equal(auto, named)
+
+
+def test_reordered_genes_and_query_with_undetected_genes(tiny, tmp_path):
+    "Issue 7 section 4: the same genes in another order work (outputs in the user's order); zero genes in a query."
+    model = SCVI(tiny, layer="counts", batch_key="batch", n_hidden=16).train(max_epochs=5, progress_bar=False,
+                                                                              device="cpu")
+    model.save(tmp_path / "m")
+    reversed_genes = tiny[:, ::-1].copy()
+    loaded = SCVI.load(tmp_path / "m", reversed_genes)
+    np.testing.assert_allclose(loaded.get_normalized_expression(), model.get_normalized_expression()[:, ::-1],
+                               rtol=1e-5)
+    np.testing.assert_allclose(loaded.posterior_predictive_sample().shape, tiny.shape)
+    de1 = model.differential_expression("group", n_samples_overall=300)
+    de2 = loaded.differential_expression("group", n_samples_overall=300)
+    pd.testing.assert_frame_equal(de1, de2)  # indexed by gene name: same rows whatever the column order
+    assert list(SCVI.saved_var_names(tmp_path / "m")) == list(tiny.var_names)
+    query = tiny.copy()
+    counts = query.layers["counts"].toarray()
+    counts[:, :2] = 0
+    query.layers["counts"] = sp.csr_matrix(counts)
+    on_query = SCVI.load(tmp_path / "m", query)
+    assert np.isfinite(on_query.get_normalized_expression()).all()
+    assert np.isfinite(on_query.get_latent_representation()).all()
+    with pytest.raises(ValueError, match="read_saved"):
+        SCVI.load(tmp_path / "m", tiny[:, :10].copy())
+
+
+def test_loss_terms_are_per_cell(tiny):
+    "Issue 6: get_elbo / get_reconstruction_error are means of the loss's per-cell terms."
+    model = SCVI(tiny, layer="counts", batch_key="batch", n_hidden=16).train(max_epochs=3, progress_bar=False,
+                                                                              device="cpu")
+    torch.manual_seed(0)
+    terms = model.get_loss_terms()
+    assert list(terms.index) == list(tiny.obs_names)
+    assert {"reconstruction", "kl_z", "kl_library", "neg_elbo"} <= set(terms.columns)
+    np.testing.assert_allclose(terms.neg_elbo, terms.reconstruction + terms.kl_z + terms.kl_library, rtol=1e-5)
+    torch.manual_seed(0)
+    assert model.get_elbo() == pytest.approx(float(terms.neg_elbo.mean()), rel=1e-5)

@@ -19,14 +19,16 @@ from sklearn.mixture import GaussianMixture
 from torch import nn
 from torch.distributions import Normal
 
+from fastcore.basics import patch
 from ..base import BaseModel, register_model
 from ..distributions import kl_normal, kl_normal_standard, log_nb, log_poisson, log_zinb
 from ..nn import FCLayers, one_hot
-from ..train import LossOutput, TrainingPlan
+from ..train import BaseModule, LossOutput, TrainingPlan
+from ..utils import check_choice
 
 # %% auto #0
-__all__ = ['scvi_max_epochs', 'library_log_prior', 'SCVIModule', 'pair_samples', 'estimate_pseudocounts', 'estimate_delta',
-           'bayes_factor_de', 'posterior_fdr_de', 'raw_counts_properties', 'SCVI']
+__all__ = ['scvi_max_epochs', 'library_log_prior', 'SCVIModule', 'SCVI', 'pair_samples', 'estimate_pseudocounts',
+           'estimate_delta', 'bayes_factor_de', 'posterior_fdr_de', 'raw_counts_properties']
 
 # %% ../../nbs/11_models.scvi.ipynb #b532ad65
 def scvi_max_epochs(n_cells: int) -> int:
@@ -54,14 +56,10 @@ def library_log_prior(
 _LIKELIHOODS = ("zinb", "nb", "poisson")
 _DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 
-def _check_choice(value, choices, name):
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")
-    return value
-
 # %% ../../nbs/11_models.scvi.ipynb #23c26a8b
-class SCVIModule(nn.Module):
+class SCVIModule(BaseModule):
     "scVI's networks: encoders q(z|x) (and q(ℓ|x)), the batch-conditioned decoder, and the count likelihood."
+    uses_kl_weight = True  # the KL of z is warmed up
     def __init__(
         self,
         n_genes: int,  # genes (input and output width)
@@ -79,11 +77,12 @@ class SCVIModule(nn.Module):
         library_log_means: Sequence[float] | None = None,  # prior mean of log ℓ per batch (latent library)
         library_log_vars: Sequence[float] | None = None,  # prior variance of log ℓ per batch (latent library)
         library_median: float = 1.0,  # median library of the training cells (default scale of outputs)
+        gene_detected: Sequence[bool] | None = None,  # genes with a count in some training cell (None: all); ZINB: others get no zero-inflation
         var_eps: float = 1e-4,  # added to exp(·) of the encoder variances
     ):
         super().__init__()
-        self.gene_likelihood = _check_choice(gene_likelihood, _LIKELIHOODS, "gene_likelihood")
-        self.dispersion = _check_choice(dispersion, _DISPERSIONS, "dispersion")
+        self.gene_likelihood = check_choice(gene_likelihood, _LIKELIHOODS, "gene_likelihood")
+        self.dispersion = check_choice(dispersion, _DISPERSIONS, "dispersion")
         if n_layers < 1:
             raise ValueError(f"n_layers={n_layers} must be >= 1.")
         self.n_genes, self.n_batches, self.n_labels, self.n_latent = n_genes, n_batches, n_labels, n_latent
@@ -102,6 +101,8 @@ class SCVIModule(nn.Module):
         self.register_buffer("library_log_means", torch.as_tensor(means, dtype=torch.float32).reshape(n_batches))
         self.register_buffer("library_log_vars", torch.as_tensor(variances, dtype=torch.float32).reshape(n_batches))
         self.register_buffer("library_median", torch.tensor(float(library_median)))
+        detected = np.ones(n_genes, dtype=bool) if gene_detected is None else np.asarray(gene_detected, dtype=bool)
+        self.register_buffer("gene_detected", torch.as_tensor(detected).reshape(n_genes))
         self.decoder = FCLayers(n_latent, [n_hidden] * n_layers, n_cat_list=[n_batches], inject_covariates="all",
                                 dropout=0.0, **bn)
         self.scale_head = nn.Linear(n_hidden, n_genes)  # -> softmax -> rho
@@ -155,7 +156,8 @@ class SCVIModule(nn.Module):
                 raise ValueError("dispersion='gene-label' needs the cells' labels.")
             out["theta"] = torch.exp(F.linear(one_hot(codes, n), self.log_theta))
         if self.gene_likelihood == "zinb":
-            out["zi_logits"] = self.zi_head(h)
+            # never-detected genes: no zero-inflation (π ≈ 2e-9), so their zeros must be explained by a small ρ
+            out["zi_logits"] = self.zi_head(h).masked_fill(~self.gene_detected, -20.0)
         return out
 
     def log_likelihood(self, x: torch.Tensor, gen: dict) -> torch.Tensor:
@@ -176,8 +178,8 @@ class SCVIModule(nn.Module):
         prior_v = self.library_log_vars[batch].unsqueeze(-1)
         return kl_normal(inf["ql_m"], inf["ql_v"], prior_m, prior_v).reshape(-1)
 
-    def loss(self, batch: dict, kl_weight: float = 1.0) -> LossOutput:
-        "Mean over cells of reconstruction NLL + kl_weight·KL_z + KL_ℓ."
+    def loss(self, batch: dict, *, kl_weight: float = 1.0) -> LossOutput:
+        "Mean over cells of reconstruction NLL + kl_weight·KL_z + KL_ℓ; the terms per cell."
         x, b = batch["x"], batch["batch"]
         inf = self.inference(x, b)
         gen = self.generative(inf["z"], inf["log_library"], b, batch.get("labels"))
@@ -185,9 +187,15 @@ class SCVIModule(nn.Module):
         kl_z = kl_normal_standard(inf["qz_m"], inf["qz_v"])
         kl_l = self.kl_library(inf, b)
         loss = torch.mean(reconstruction + kl_weight * kl_z + kl_l)
-        terms = dict(reconstruction=reconstruction.mean(), kl_z=kl_z.mean(), kl_library=kl_l.mean(),
-                     neg_elbo=(reconstruction + kl_z + kl_l).mean())
+        terms = dict(reconstruction=reconstruction, kl_z=kl_z, kl_library=kl_l, neg_elbo=reconstruction + kl_z + kl_l)
         return LossOutput(loss, terms, x.shape[0])
+
+    def expression(self, batch: dict, transform_batch: int | None = None, sample: bool = False) -> dict:
+        "ρ (`scale`) and log ℓ of a minibatch, decoded in each cell's batch or all in batch code `transform_batch`."
+        inf = self.inference(batch["x"], batch["batch"], sample=sample)
+        codes = batch["batch"] if transform_batch is None else torch.full_like(batch["batch"], int(transform_batch))
+        gen = self.generative(inf["z"], inf["log_library"], codes, batch.get("labels"))
+        return dict(scale=gen["scale"], log_library=inf["log_library"])
 
     # --- sampling and likelihood estimates -----------------------------------------------------------------
     def sample_counts(self, gen: dict) -> torch.Tensor:
@@ -222,6 +230,176 @@ class SCVIModule(nn.Module):
         return torch.stack(out)
 
 # %% ../../nbs/11_models.scvi.ipynb #916200fe
+class SCVI(BaseModel):
+    "scVI (Lopez et al. 2018): a ZINB/NB/Poisson VAE with batch-conditioned decoder for embedding, normalisation and DE."
+    default_train_kwargs = dict(max_epochs=400, batch_size=128, validation_fraction=0.1, early_stopping=False,
+                                patience=45, monitor="validation_neg_elbo", optimizer="adam", lr=1e-3,
+                                weight_decay=1e-6, optimizer_kwargs=dict(eps=0.01))
+
+    def __init__(
+        self,
+        adata: AnnData,  # cells x genes with raw counts in `layer`, `layers["counts"]` or `X`
+        layer: str | None = None,  # layer with the raw counts
+        batch_key: str | None = None,  # `obs` column with the batch of each cell (None: one batch)
+        labels_key: str | None = None,  # `obs` column with labels (only used by dispersion="gene-label")
+        *,
+        n_latent: int = 10,  # dimension of the latent space z
+        n_hidden: int = 128,  # units per hidden layer
+        n_layers: int = 1,  # hidden layers of encoder and decoder
+        dropout_rate: float = 0.1,  # dropout in the encoders
+        gene_likelihood: str = "zinb",  # "zinb", "nb" or "poisson"
+        dispersion: str = "gene",  # "gene", "gene-batch", "gene-label" or "gene-cell"
+        use_observed_lib_size: bool = True,  # True: ℓ = total counts (scvi-tools default); False: the paper's latent ℓ
+        encode_covariates: bool = False,  # also feed the batch to the encoders
+        allow_non_integer: bool = False,  # accept non-integer counts (ambient-corrected / expected counts)
+    ):
+        check_choice(gene_likelihood, _LIKELIHOODS, "gene_likelihood")
+        check_choice(dispersion, _DISPERSIONS, "dispersion")
+        if dispersion == "gene-label" and labels_key is None:
+            raise ValueError("dispersion='gene-label' needs labels_key= (the obs column with the labels); "
+                             "pass it, or use dispersion='gene' or 'gene-batch'.")
+        super().__init__(adata, layer, batch_key, labels_key, allow_non_integer=allow_non_integer,
+                         n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout_rate,
+                         gene_likelihood=gene_likelihood, dispersion=dispersion,
+                         use_observed_lib_size=use_observed_lib_size, encode_covariates=encode_covariates)
+
+    def build_module(self) -> SCVIModule:
+        d = self.data
+        means, variances = library_log_prior(d.library, d.batch, d.n_batches)
+        return SCVIModule(d.n_vars, d.n_batches, d.n_labels, library_log_means=means, library_log_vars=variances,
+                          library_median=float(np.median(d.library)),
+                          gene_detected=np.asarray((d.X > 0).sum(0)).ravel() > 0, **self.hparams)
+
+    def train(
+        self,
+        max_epochs: int | None = None,  # None: scvi-tools' rule min(round(20000 / n_cells * 400), 400)
+        batch_size: int | None = None,  # cells per minibatch (128)
+        *,
+        n_epochs_kl_warmup: int = 400,  # KL warm-up length in epochs (capped at the length of training)
+        **kwargs,  # see `BaseModel.train`: validation_fraction, device, seed, early_stopping, lr, kl_warmup_steps ...
+    ):
+        "Train with scVI's settings (Adam lr 1e-3, wd 1e-6, eps 0.01; KL warm-up ≤ training); returns `self`."
+        if max_epochs is None:
+            max_epochs = scvi_max_epochs(self.data.n_obs)
+        self._n_epochs_kl_warmup = n_epochs_kl_warmup
+        return super().train(max_epochs, batch_size, **kwargs)
+
+    def make_plan(self, module: nn.Module, plan_kwargs: dict, n_steps_per_epoch: int, max_epochs: int) -> TrainingPlan:
+        "Adam plan whose KL warm-up lasts min(400 epochs, all of training) in optimiser steps (scvi-tools #1569)."
+        kw = dict(plan_kwargs)
+        if kw.get("kl_warmup_steps") is None:
+            if self.is_trained:  # continuing: the first run already reached KL weight 1
+                kw["kl_warmup_steps"] = None
+            else:
+                warm = getattr(self, "_n_epochs_kl_warmup", 400)
+                kw["kl_warmup_steps"] = max(1, min(warm, max_epochs) * n_steps_per_epoch)
+        self.kl_warmup_steps = kw["kl_warmup_steps"]
+        return TrainingPlan(module, **kw)
+
+# %% ../../nbs/11_models.scvi.ipynb #74205851
+@patch
+def get_latent_representation(
+    self: SCVI,
+    adata: AnnData | None = None,  # data to embed (the model's genes, any order); None: the training data
+    indices: Sequence[int] | None = None,  # rows to embed (default all)
+    give_mean: bool = True,  # the mean of q(z|x); False: one sample from q(z|x)
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, n_latent)
+    "The latent representation z of each cell: its posterior mean (default) or a posterior sample."
+    return self.run_module(lambda m, b: m.inference(b["x"], b["batch"], sample=not give_mean)["z"], adata, indices,
+                           batch_size=batch_size)
+
+@patch
+def get_normalized_expression(
+    self: SCVI,
+    adata: AnnData | None = None,  # data (the model's genes, any order); None: the training data
+    indices: Sequence[int] | None = None,  # rows (default all)
+    transform_batch: str | Sequence[str] | None = None,  # decode as if in this batch (a list: average over them)
+    library_size: float | str | None = None,  # None: ρ × median training library; "latent": × each cell's ℓ; a number: ρ × number (scvi-tools' default is 1)
+    n_samples: int = 0,  # 0: decode the posterior mean of z; k > 0: average over k posterior samples (scvi-tools' default is 1)
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, genes), genes in the AnnData's order
+    "Denoised expression ρ × library (median by default; scvi-tools' default is `library_size=1, n_samples=1`)."
+    if isinstance(library_size, str) and library_size != "latent":
+        raise ValueError(f"library_size={library_size!r}; use None, 'latent' or a positive number.")
+    if library_size is not None and not isinstance(library_size, str) and not library_size > 0:
+        raise ValueError(f"library_size={library_size!r} must be positive.")
+    names = transform_batch if isinstance(transform_batch, (list, tuple)) else [transform_batch]
+    codes = [None if t is None else self.batch_code(t) for t in names]  # a clear error before any work
+    draws = max(1, n_samples)
+    def fn(m, b):
+        acc = 0
+        for code in codes:
+            for _ in range(draws):
+                out = m.expression(b, code, sample=n_samples > 0)
+                if library_size is None:
+                    acc = acc + out["scale"] * m.library_median
+                elif library_size == "latent":
+                    acc = acc + out["scale"] * torch.exp(out["log_library"])
+                else:
+                    acc = acc + out["scale"] * float(library_size)
+        return acc / (len(codes) * draws)
+    return self.run_module(fn, adata, indices, batch_size=batch_size, per_gene=True)
+
+@patch
+def posterior_predictive_sample(
+    self: SCVI,
+    adata: AnnData | None = None,  # data (the model's genes, any order); None: the training data
+    indices: Sequence[int] | None = None,  # rows (default all)
+    n_samples: int = 1,  # samples per cell
+    batch_size: int = 256,  # cells per forward pass
+) -> np.ndarray:  # (cells, genes), or (cells, genes, n_samples) when n_samples > 1
+    "New counts drawn from the fitted model for each cell: z, ℓ from the posterior, x from the likelihood."
+    def fn(m, b):
+        draws = []
+        for _ in range(n_samples):
+            inf = m.inference(b["x"], b["batch"], sample=True)
+            gen = m.generative(inf["z"], inf["log_library"], b["batch"], b.get("labels"))
+            draws.append(m.sample_counts(gen))
+        return torch.stack(draws, 1)  # (cells, n_samples, genes): genes last, as run_module's per_gene wants
+    out = self.run_module(fn, adata, indices, batch_size=batch_size, per_gene=True)
+    return out[:, 0] if n_samples == 1 else np.moveaxis(out, 1, -1)
+
+# %% ../../nbs/11_models.scvi.ipynb #9822ebc8
+register_model("scvi", capabilities=("embed", "denoise"))(SCVI);
+
+# %% ../../nbs/11_models.scvi.ipynb #180648e6
+@patch
+def get_marginal_ll(
+    self: SCVI,
+    adata: AnnData | None = None,  # data (the model's genes, any order); None: the training data
+    indices: Sequence[int] | None = None,  # rows (default all)
+    n_mc_samples: int = 100,  # importance samples per cell
+    return_mean: bool = True,  # average over cells; False: one value per cell
+    batch_size: int = 128,  # cells per forward pass
+) -> float | np.ndarray:
+    "Importance-sampling estimate of log p(x) per cell, with q(z|x) (and q(ℓ|x)) as proposal; higher is better."
+    k = math.log(n_mc_samples)
+    ll = self.run_module(lambda m, b: torch.logsumexp(m.log_importance_weights(b, n_mc_samples), 0) - k, adata,
+                         indices, batch_size=batch_size)
+    return float(ll.mean()) if return_mean else ll
+
+@patch
+def get_elbo(
+    self: SCVI,
+    adata: AnnData | None = None,  # data (the model's genes, any order); None: the training data
+    indices: Sequence[int] | None = None,  # rows (default all)
+    batch_size: int = 1024,  # cells per forward pass
+) -> float:
+    "Mean negative ELBO per cell (reconstruction NLL + KL terms, one posterior sample; lower is better)."
+    return float(self.get_loss_terms(adata, indices, batch_size=batch_size)["neg_elbo"].mean())
+
+@patch
+def get_reconstruction_error(
+    self: SCVI,
+    adata: AnnData | None = None,  # data (the model's genes, any order); None: the training data
+    indices: Sequence[int] | None = None,  # rows (default all)
+    batch_size: int = 1024,  # cells per forward pass
+) -> float:
+    "Mean reconstruction negative log-likelihood per cell (one posterior sample)."
+    return float(self.get_loss_terms(adata, indices, batch_size=batch_size)["reconstruction"].mean())
+
+# %% ../../nbs/11_models.scvi.ipynb #09136453
 def pair_samples(
     n1: int,  # samples of population 1
     n2: int,  # samples of population 2
@@ -298,8 +476,8 @@ def bayes_factor_de(
     gene_chunk: int = 2048,  # genes processed at once (bounds memory)
 ) -> dict:  # per-gene arrays (and the scalars pseudocounts, delta in change mode)
     "Bayes factors (and, in change mode, LFC summaries) of differential expression from posterior samples of ρ."
-    _check_choice(mode, ("vanilla", "change"), "mode")
-    _check_choice(test_mode, ("three", "two"), "test_mode")
+    check_choice(mode, ("vanilla", "change"), "mode")
+    check_choice(test_mode, ("three", "two"), "test_mode")
     scales1, scales2 = np.asarray(scales1, dtype=np.float32), np.asarray(scales2, dtype=np.float32)
     if scales1.ndim != 2 or scales2.ndim != 2 or scales1.shape[1] != scales2.shape[1]:
         raise ValueError(f"scales must be (samples, genes) arrays with the same genes; got {scales1.shape} "
@@ -369,300 +547,96 @@ def raw_counts_properties(
                                 "raw_normalized_mean1", "raw_normalized_mean2")}
 
 # %% ../../nbs/11_models.scvi.ipynb #0a69c251
-def _sample_population_scales(model, adata, cells: np.ndarray, n_samples: int, rng: np.random.Generator,
-                              batch_names: list | None, batch_size: int):
-    "Posterior samples of ρ (library 1): random cells of the population, one fresh z each; and their decoding batches."
-    def draw(rows, batch_name):
-        return model._forward_batches(lambda b: model._scales(b, batch_name, 1.0, sample=True), adata, rows,
-                                      batch_size)
-    if batch_names is None:  # each cell decoded in its observed batch
-        return draw(rng.choice(cells, n_samples), None), None
-    per_batch = int(n_samples / len(batch_names))
-    if per_batch == 0:
-        warnings.warn(f"n_samples_overall={n_samples} gives no sample per batch; using 2 per batch.", UserWarning)
-        per_batch = 2
-    scales = [draw(rng.choice(cells, per_batch), name) for name in batch_names]
-    return np.concatenate(scales), np.repeat(np.asarray(batch_names, dtype=object), per_batch)
+@patch
+def differential_expression(
+    self: SCVI,
+    groupby: str,  # `obs` column defining the populations (e.g. clusters or cell types)
+    group1: str | Sequence[str] | None = None,  # group(s) to test; None: every group, each against the rest
+    group2: str | None = None,  # reference group; None: all other cells ("Rest")
+    *,
+    adata: AnnData | None = None,  # data (the model's genes, any order); None: the training data
+    mode: str = "vanilla",  # "vanilla": P(ρ1 > ρ2) (scvi-tools' default); "change": P(LFC beyond ±delta)
+    delta: float | None = 0.25,  # LFC threshold (log2) of change mode; None: estimated from the data
+    test_mode: str = "three",  # change mode: "three" max(P(up), P(down)) (scvi-tools' default); "two": sum
+    pseudocounts: float | None = None,  # change mode: added to ρ before logs; None: estimated (scvi-tools' default)
+    threshold_counts: float = 0.01,  # mean raw count below which a gene counts as not expressed in a population
+    n_samples_overall: int = 5000,  # posterior samples of ρ per population
+    use_permutation: bool = False,  # False: pair the i-th samples of the two populations; True: random pairs
+    m_permutation: int = 10000,  # random pairs when use_permutation=True
+    batch_correction: bool = False,  # decode every sample in every seen batch; pair samples of the same batch
+    batchid1: Sequence[str] | None = None,  # decoding batches of group1 (batch_correction=True; default: all seen)
+    batchid2: Sequence[str] | None = None,  # decoding batches of group2 (same rule)
+    fdr_target: float = 0.05,  # posterior expected FDR of the `is_de_fdr_<target>` column (change mode)
+    all_stats: bool = True,  # add raw count statistics of both populations
+    seed: int = 0,  # seed of the posterior sampling and pairing
+    batch_size: int = 1024,  # cells per forward pass
+) -> pd.DataFrame:  # indexed by gene, one block of rows per comparison
+    "Bayes-factor differential expression between groups of cells with scvi-tools' defaults (vanilla mode)."
+    self.check_trained()
+    check_choice(mode, ("vanilla", "change"), "mode")
+    check_choice(test_mode, ("three", "two"), "test_mode")
+    source = self.adata if adata is None else adata
+    if groupby not in source.obs.columns:
+        raise KeyError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(source.obs.columns)}).")
+    col = source.obs[groupby]
+    cats = [str(c) for c in (col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype)
+                             else sorted(col.astype(str).unique()))]
+    values = col.astype(str).to_numpy()
+    g1 = cats if group1 is None else ([group1] if isinstance(group1, str) else [str(g) for g in group1])
+    if group1 is None and len(cats) < 2:
+        raise ValueError(f"adata.obs[{groupby!r}] has a single group; differential expression needs two.")
+    for g in g1 + ([str(group2)] if group2 is not None else []):
+        if g not in cats:
+            raise ValueError(f"Group {g!r} is not in adata.obs[{groupby!r}] (groups: {cats}).")
+    if batch_correction:  # decoding batches: seen ones only (the core refuses the others, naming the seen ones)
+        ids = []
+        for name, given in (("batchid1", batchid1), ("batchid2", batchid2)):
+            given = list(self.seen_batches) if given is None else ([given] if isinstance(given, str) else list(given))
+            ids.append([self.batch_code(b, what=name) for b in given])
+    elif batchid1 is not None or batchid2 is not None:
+        raise ValueError("batchid1/batchid2 choose decoding batches and need batch_correction=True "
+                         "(scvi-tools refuses this combination too).")
+    else:
+        ids = [None, None]
+    X = self.data_for(adata).X  # model's gene order, like the samples below (per_gene=False)
+    rng = np.random.default_rng(seed)
 
-# %% ../../nbs/11_models.scvi.ipynb #e3f0c652
-@register_model("scvi", capabilities=("embed", "denoise"))
-class SCVI(BaseModel):
-    "scVI (Lopez et al. 2018): a ZINB/NB/Poisson VAE with batch-conditioned decoder for embedding, normalisation and DE."
-    default_train_kwargs = dict(max_epochs=400, batch_size=128, validation_fraction=0.1, early_stopping=False,
-                                patience=45, monitor="validation_neg_elbo", optimizer="adam", lr=1e-3,
-                                weight_decay=1e-6, optimizer_kwargs=dict(eps=0.01))
+    def sample_scales(cells, codes):
+        "Posterior samples of ρ: random cells of the population, one fresh z each, decoded in `codes` (None: own)."
+        def draw(rows, code):
+            return self.run_module(lambda m, b: m.expression(b, code, sample=True)["scale"], adata, rows,
+                                   batch_size=batch_size)
+        if codes is None:
+            return draw(rng.choice(cells, n_samples_overall), None), None
+        per_batch = int(n_samples_overall / len(codes))
+        if per_batch == 0:
+            warnings.warn(f"n_samples_overall={n_samples_overall} gives no sample per batch; using 2 per batch.")
+            per_batch = 2
+        return np.concatenate([draw(rng.choice(cells, per_batch), c) for c in codes]), np.repeat(codes, per_batch)
 
-    def __init__(
-        self,
-        adata: AnnData,  # cells x genes with raw counts in `layer`, `layers["counts"]` or `X`
-        layer: str | None = None,  # layer with the raw counts
-        batch_key: str | None = None,  # `obs` column with the batch of each cell (None: one batch)
-        labels_key: str | None = None,  # `obs` column with labels (only used by dispersion="gene-label")
-        *,
-        n_latent: int = 10,  # dimension of the latent space z
-        n_hidden: int = 128,  # units per hidden layer
-        n_layers: int = 1,  # hidden layers of encoder and decoder
-        dropout_rate: float = 0.1,  # dropout in the encoders
-        gene_likelihood: str = "zinb",  # "zinb", "nb" or "poisson"
-        dispersion: str = "gene",  # "gene", "gene-batch", "gene-label" or "gene-cell"
-        use_observed_lib_size: bool = True,  # True: ℓ = total counts (scvi-tools default); False: the paper's latent ℓ
-        encode_covariates: bool = False,  # also feed the batch to the encoders
-        allow_non_integer: bool = False,  # accept non-integer counts (ambient-corrected / expected counts)
-    ):
-        _check_choice(gene_likelihood, _LIKELIHOODS, "gene_likelihood")
-        _check_choice(dispersion, _DISPERSIONS, "dispersion")
-        if dispersion == "gene-label" and labels_key is None:
-            raise ValueError("dispersion='gene-label' needs labels_key= (the obs column with the labels); "
-                             "pass it, or use dispersion='gene' or 'gene-batch'.")
-        super().__init__(adata, layer, batch_key, labels_key, allow_non_integer=allow_non_integer,
-                         n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout_rate,
-                         gene_likelihood=gene_likelihood, dispersion=dispersion,
-                         use_observed_lib_size=use_observed_lib_size, encode_covariates=encode_covariates)
-
-    def _build_module(self) -> SCVIModule:
-        d = self.data
-        means, variances = library_log_prior(d.library, d.batch, d.n_batches)
-        return SCVIModule(d.n_vars, d.n_batches, d.n_labels, library_log_means=means, library_log_vars=variances,
-                          library_median=float(np.median(d.library)), **self.hparams)
-
-    def train(
-        self,
-        max_epochs: int | None = None,  # None: scvi-tools' rule min(round(20000 / n_cells * 400), 400)
-        batch_size: int | None = None,  # cells per minibatch (128)
-        *,
-        n_epochs_kl_warmup: int = 400,  # KL warm-up length in epochs (capped at the length of training)
-        **kwargs,  # see `BaseModel.train`: validation_fraction, device, seed, early_stopping, lr, kl_warmup_steps ...
-    ):
-        "Train with scVI's settings (Adam lr 1e-3, wd 1e-6, eps 0.01; KL warm-up ≤ training); returns `self`."
-        if max_epochs is None:
-            max_epochs = scvi_max_epochs(self.data.n_obs)
-        self._n_epochs_kl_warmup = n_epochs_kl_warmup
-        return super().train(max_epochs, batch_size, **kwargs)
-
-    def _make_plan(self, plan_kwargs: dict, n_steps_per_epoch: int, max_epochs: int) -> TrainingPlan:
-        "Adam plan whose KL warm-up lasts min(400 epochs, all of training) in optimiser steps (scvi-tools #1569)."
-        kw = dict(plan_kwargs)
-        if kw.get("kl_warmup_steps") is None:
-            if self.is_trained:  # continuing: the first run already reached KL weight 1
-                kw["kl_warmup_steps"] = None
-            else:
-                warm = getattr(self, "_n_epochs_kl_warmup", 400)
-                kw["kl_warmup_steps"] = max(1, min(warm, max_epochs) * n_steps_per_epoch)
-        self.kl_warmup_steps = kw["kl_warmup_steps"]
-        return TrainingPlan(self.module, **kw)
-
-    # --- helpers ------------------------------------------------------------------------------------------
-    def _batch_code(self, transform_batch) -> int:
-        cats = self.data.batch_categories
-        if str(transform_batch) in cats:
-            return cats.index(str(transform_batch))
-        raise ValueError(f"transform_batch={transform_batch!r} is not a batch of this model; choose one of {cats}.")
-
-    def _scales(self, batch: dict, transform_batch=None, library_size=None, sample: bool = False) -> torch.Tensor:
-        "ρ (scaled) of a minibatch, decoded in its own batch or in `transform_batch`."
-        inf = self.module.inference(batch["x"], batch["batch"], sample=sample)
-        codes = batch["batch"]
-        if transform_batch is not None:
-            codes = torch.full_like(codes, self._batch_code(transform_batch))
-        gen = self.module.generative(inf["z"], inf["log_library"], codes, batch.get("labels"))
-        if library_size is None:
-            return gen["scale"] * self.module.library_median
-        if library_size == "latent":
-            return gen["scale"] * torch.exp(inf["log_library"])
-        return gen["scale"] * float(library_size)
-
-    # --- outputs ------------------------------------------------------------------------------------------
-    def get_latent_representation(
-        self,
-        adata: AnnData | None = None,  # data to embed (same genes); None: the training data
-        indices: Sequence[int] | None = None,  # rows to embed (default all)
-        give_mean: bool = True,  # the mean of q(z|x); False: one sample from q(z|x)
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, n_latent)
-        "The latent representation z of each cell: its posterior mean (default) or a posterior sample."
-        self._check_trained()
-        return self._forward_batches(lambda b: self.module.inference(b["x"], b["batch"], sample=not give_mean)["z"],
-                                     adata, indices, batch_size)
-
-    def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,  # data (same genes); None: the training data
-        indices: Sequence[int] | None = None,  # rows (default all)
-        transform_batch: str | Sequence[str] | None = None,  # decode as if in this batch (a list: average over them)
-        library_size: float | str | None = None,  # None: ρ × median training library; "latent": × each cell's ℓ; a number: ρ × number (scvi-tools' default is 1)
-        n_samples: int = 0,  # 0: decode the posterior mean of z; k > 0: average over k posterior samples (scvi-tools' default is 1)
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, genes)
-        "Denoised expression ρ × library (median by default; scvi-tools' default is `library_size=1, n_samples=1`)."
-        self._check_trained()
-        if isinstance(library_size, str) and library_size != "latent":
-            raise ValueError(f"library_size={library_size!r}; use None, 'latent' or a positive number.")
-        if library_size is not None and not isinstance(library_size, str) and not library_size > 0:
-            raise ValueError(f"library_size={library_size!r} must be positive.")
-        batches = transform_batch if isinstance(transform_batch, (list, tuple)) else [transform_batch]
-        for t in batches:  # a clear error before any work
-            if t is not None:
-                self._batch_code(t)
-        draws = max(1, n_samples)
-        def fn(b):
-            acc = 0
-            for t in batches:
-                for _ in range(draws):
-                    acc = acc + self._scales(b, t, library_size, sample=n_samples > 0)
-            return acc / (len(batches) * draws)
-        return self._forward_batches(fn, adata, indices, batch_size)
-
-    def posterior_predictive_sample(
-        self,
-        adata: AnnData | None = None,  # data (same genes); None: the training data
-        indices: Sequence[int] | None = None,  # rows (default all)
-        n_samples: int = 1,  # samples per cell
-        batch_size: int = 256,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, genes), or (cells, genes, n_samples) when n_samples > 1
-        "New counts drawn from the fitted model for each cell: z, ℓ from the posterior, x from the likelihood."
-        self._check_trained()
-        def fn(b):
-            draws = []
-            for _ in range(n_samples):
-                inf = self.module.inference(b["x"], b["batch"], sample=True)
-                gen = self.module.generative(inf["z"], inf["log_library"], b["batch"], b.get("labels"))
-                draws.append(self.module.sample_counts(gen))
-            return torch.stack(draws, -1)
-        out = self._forward_batches(fn, adata, indices, batch_size)
-        return out[..., 0] if n_samples == 1 else out
-
-    def get_marginal_ll(
-        self,
-        adata: AnnData | None = None,  # data (same genes); None: the training data
-        indices: Sequence[int] | None = None,  # rows (default all)
-        n_mc_samples: int = 100,  # importance samples per cell
-        return_mean: bool = True,  # average over cells; False: one value per cell
-        batch_size: int = 128,  # cells per forward pass
-    ) -> float | np.ndarray:
-        "Importance-sampling estimate of log p(x) per cell, with q(z|x) (and q(ℓ|x)) as proposal; higher is better."
-        self._check_trained()
-        k = math.log(n_mc_samples)
-        ll = self._forward_batches(
-            lambda b: torch.logsumexp(self.module.log_importance_weights(b, n_mc_samples), 0) - k,
-            adata, indices, batch_size)
-        return float(ll.mean()) if return_mean else ll
-
-    def get_elbo(
-        self,
-        adata: AnnData | None = None,  # data (same genes); None: the training data
-        indices: Sequence[int] | None = None,  # rows (default all)
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> float:
-        "Mean negative ELBO per cell (reconstruction NLL + KL terms, one posterior sample; lower is better)."
-        return self._mean_loss_term("neg_elbo", adata, indices, batch_size)
-
-    def get_reconstruction_error(
-        self,
-        adata: AnnData | None = None,  # data (same genes); None: the training data
-        indices: Sequence[int] | None = None,  # rows (default all)
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> float:
-        "Mean reconstruction negative log-likelihood per cell (one posterior sample)."
-        return self._mean_loss_term("reconstruction", adata, indices, batch_size)
-
-    def _mean_loss_term(self, term: str, adata, indices, batch_size) -> float:
-        "Cell-weighted mean of one term of the loss (full KL weight) over minibatches."
-        self._check_trained()
-        def fn(b):
-            out = self.module.loss(b, kl_weight=1.0)
-            return out.terms[term].reshape(1).repeat(b["x"].shape[0])
-        return float(self._forward_batches(fn, adata, indices, batch_size).mean())
-
-    def _seen_batches(self) -> list[str]:
-        "Batch categories with at least one training cell (the only ones the decoder learned)."
-        cats = self.data.batch_categories
-        if self.data.batch is None:
-            return list(cats)
-        counts = np.bincount(self.data.batch, minlength=len(cats))
-        return [c for c, n in zip(cats, counts) if n > 0]
-
-    def differential_expression(
-        self,
-        groupby: str,  # `obs` column defining the populations (e.g. clusters or cell types)
-        group1: str | Sequence[str] | None = None,  # group(s) to test; None: every group, each against the rest
-        group2: str | None = None,  # reference group; None: all other cells ("Rest")
-        *,
-        adata: AnnData | None = None,  # data (same genes); None: the training data
-        mode: str = "vanilla",  # "vanilla": P(ρ1 > ρ2) (scvi-tools' default); "change": P(LFC beyond ±delta)
-        delta: float | None = 0.25,  # LFC threshold (log2) of change mode; None: estimated from the data
-        test_mode: str = "three",  # change mode: "three" max(P(up), P(down)) (scvi-tools' default); "two": sum
-        pseudocounts: float | None = None,  # change mode: added to ρ before logs; None: estimated (scvi-tools' default)
-        threshold_counts: float = 0.01,  # mean raw count below which a gene counts as not expressed in a population
-        n_samples_overall: int = 5000,  # posterior samples of ρ per population
-        use_permutation: bool = False,  # False: pair the i-th samples of the two populations; True: random pairs
-        m_permutation: int = 10000,  # random pairs when use_permutation=True
-        batch_correction: bool = False,  # decode every sample in every seen batch; pair samples of the same batch
-        batchid1: Sequence[str] | None = None,  # decoding batches of group1 (batch_correction=True; default: all seen)
-        batchid2: Sequence[str] | None = None,  # decoding batches of group2 (same rule)
-        fdr_target: float = 0.05,  # posterior expected FDR of the `is_de_fdr_<target>` column (change mode)
-        all_stats: bool = True,  # add raw count statistics of both populations
-        seed: int = 0,  # seed of the posterior sampling and pairing
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> pd.DataFrame:  # indexed by gene, one block of rows per comparison
-        "Bayes-factor differential expression between groups of cells with scvi-tools' defaults (vanilla mode)."
-        self._check_trained()
-        _check_choice(mode, ("vanilla", "change"), "mode")
-        _check_choice(test_mode, ("three", "two"), "test_mode")
-        source = self.adata if adata is None else adata
-        data = self._data_for(adata)
-        if groupby not in source.obs.columns:
-            raise KeyError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(source.obs.columns)}).")
-        col = source.obs[groupby]
-        cats = [str(c) for c in (col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype)
-                                 else sorted(col.astype(str).unique()))]
-        values = col.astype(str).to_numpy()
-        g1 = cats if group1 is None else ([group1] if isinstance(group1, str) else [str(g) for g in group1])
-        if group1 is None and len(cats) < 2:
-            raise ValueError(f"adata.obs[{groupby!r}] has a single group; differential expression needs two.")
-        for g in g1 + ([str(group2)] if group2 is not None else []):
-            if g not in cats:
-                raise ValueError(f"Group {g!r} is not in adata.obs[{groupby!r}] (groups: {cats}).")
-        if batch_correction:
-            seen = self._seen_batches()
-            ids = []
-            for name, given in (("batchid1", batchid1), ("batchid2", batchid2)):
-                given = seen if given is None else [str(b) for b in ([given] if isinstance(given, str) else given)]
-                for b in given:
-                    if b not in seen:
-                        raise ValueError(f"{name} has {b!r}, which is not a batch with training cells; "
-                                         f"the batches seen in training are {seen}.")
-                ids.append(given)
-        elif batchid1 is not None or batchid2 is not None:
-            raise ValueError("batchid1/batchid2 choose decoding batches and need batch_correction=True "
-                             "(scvi-tools refuses this combination too).")
-        else:
-            ids = [None, None]
-        rng = np.random.default_rng(seed)
-        X = data.X
-        tables = []
-        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else None):
-            torch.manual_seed(seed)
-            for name1 in g1:
-                idx1 = np.flatnonzero(values == name1)
-                idx2 = np.flatnonzero(values != name1) if group2 is None else np.flatnonzero(values == str(group2))
-                name2 = "Rest" if group2 is None else str(group2)
-                if len(idx1) == 0 or len(idx2) == 0:
-                    raise ValueError(f"Group {name1!r} vs {name2!r}: one side has no cells.")
-                s1, b1 = _sample_population_scales(self, adata, idx1, n_samples_overall, rng, ids[0], batch_size)
-                s2, b2 = _sample_population_scales(self, adata, idx2, n_samples_overall, rng, ids[1], batch_size)
-                stats = bayes_factor_de(
-                    s1, s2, mode=mode, delta=delta, test_mode=test_mode, pseudocounts=pseudocounts,
-                    undetected1=np.asarray(X[idx1].mean(0)).ravel() < threshold_counts,
-                    undetected2=np.asarray(X[idx2].mean(0)).ravel() < threshold_counts,
-                    batches1=b1, batches2=b2, use_permutation=use_permutation, m_permutation=m_permutation,
-                    seed=int(rng.integers(2**31)))
-                if all_stats:
-                    stats.update(raw_counts_properties(X, idx1, idx2))
-                df = pd.DataFrame(stats, index=pd.Index(np.asarray(self.var_names), name=None))
-                df = df.sort_values("proba_de" if mode == "change" else "bayes_factor", ascending=False,
-                                    kind="stable")
-                if mode == "change":
-                    df[f"is_de_fdr_{fdr_target}"] = posterior_fdr_de(df["proba_de"].to_numpy(), fdr_target)
-                df["comparison"], df["group1"], df["group2"] = f"{name1} vs {name2}", name1, name2
-                tables.append(df)
-        return pd.concat(tables, axis=0)
+    tables = []
+    with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else None):
+        torch.manual_seed(seed)
+        for name1 in g1:
+            idx1 = np.flatnonzero(values == name1)
+            idx2 = np.flatnonzero(values != name1) if group2 is None else np.flatnonzero(values == str(group2))
+            name2 = "Rest" if group2 is None else str(group2)
+            if len(idx1) == 0 or len(idx2) == 0:
+                raise ValueError(f"Group {name1!r} vs {name2!r}: one side has no cells.")
+            s1, b1 = sample_scales(idx1, ids[0])
+            s2, b2 = sample_scales(idx2, ids[1])
+            mean1, mean2 = np.asarray(X[idx1].mean(0)).ravel(), np.asarray(X[idx2].mean(0)).ravel()
+            stats = bayes_factor_de(s1, s2, mode=mode, delta=delta, test_mode=test_mode, pseudocounts=pseudocounts,
+                                    undetected1=mean1 < threshold_counts, undetected2=mean2 < threshold_counts,
+                                    batches1=b1, batches2=b2, use_permutation=use_permutation,
+                                    m_permutation=m_permutation, seed=int(rng.integers(2**31)))
+            if all_stats:
+                stats.update(raw_counts_properties(X, idx1, idx2))
+            stats["expressed"] = (mean1 > 0) | (mean2 > 0)
+            df = pd.DataFrame(stats, index=pd.Index(np.asarray(self.var_names)))
+            df = df.sort_values("proba_de" if mode == "change" else "bayes_factor", ascending=False, kind="stable")
+            if mode == "change":
+                df[f"is_de_fdr_{fdr_target}"] = posterior_fdr_de(df["proba_de"].to_numpy(), fdr_target)
+            df["comparison"], df["group1"], df["group2"] = f"{name1} vs {name2}", name1, name2
+            tables.append(df)
+    return pd.concat(tables, axis=0)
