@@ -5,10 +5,8 @@
 # %% ../../nbs/12_models.saverx.ipynb #4f5d0bdd
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -16,12 +14,15 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+from fastcore.basics import patch
 from torch import nn
 
-from ..base import PLAN_OPTIONS, TRAINER_OPTIONS, BaseModel, register_model
+from ..base import PLAN_OPTIONS, TRAINER_OPTIONS, BaseModel, read_saved, register_model
+from ..data import column_mean_var
 from ..distributions import log_nb, log_poisson
-from ..nn import FCLayers
-from ..train import LossOutput, Trainer, TrainingPlan, set_seed
+from ..nn import FCLayers, clamped_exp, keras_init_
+from ..train import BaseModule, LossOutput, set_seed
+from ..utils import check_choice
 
 # %% auto #0
 __all__ = ['PRIOR_VARIANCE_FORMS', 'poisson_gamma_shrinkage', 'SAVERXModule', 'SAVERX']
@@ -88,11 +89,9 @@ class _MarginalLikelihood:
         "The same problem restricted to some genes."
         return _MarginalLikelihood(self.x[:, genes], self.mu[:, genes], self.s)
 
-def _upper_bounds(x: torch.Tensor, s: torch.Tensor) -> dict:
-    "SAVER's search intervals (0, upper]: the observed CV^2, Fano factor and variance of x / s, per gene and form."
-    y = x / s
-    m = y.mean(0)
-    v = y.var(0, correction=1) if y.shape[0] > 1 else torch.zeros_like(m)
+def _upper_bounds(y_mean: np.ndarray, y_var: np.ndarray) -> dict:
+    "SAVER's search intervals (0, upper]: the observed CV^2, Fano factor and variance of y = x / s, per gene and form."
+    m, v = torch.as_tensor(y_mean), torch.as_tensor(y_var)
     pos = m > 0
     safe = torch.where(pos, m, torch.ones_like(m))
     zero = torch.zeros_like(m)
@@ -143,20 +142,21 @@ def _fit_form(lik: _MarginalLikelihood, upper: torch.Tensor, form: str, n_grid: 
 # %% ../../nbs/12_models.saverx.ipynb #149178a3
 def poisson_gamma_shrinkage(
     counts,  # (cells, genes) observed counts x (dense or sparse)
-    prior_mean,  # (cells, genes) or (genes,) prior mean of lambda, the expression per unit of size factor (> 0)
+    prior_mean,  # (cells, genes) or (genes,) prior mean of lambda, the expression per unit of size factor (>= 0)
     size_factors,  # (cells,) exposure s of each cell: x ~ Poisson(s * lambda)
     *,
     forms: Sequence[str] = PRIOR_VARIANCE_FORMS,  # prior variance forms to choose from, per gene, by marginal likelihood
+    rescale_prior: bool = True,  # SAVER: first multiply each gene's prior by mean(x / s) / mean(prior) over the cells
     n_grid: int = 16,  # log-spaced grid points of the hyperparameter in [1e-6, 1] x its upper bound
     n_refine: int = 12,  # golden-section iterations around the best grid point
     n_flat: int = 50,  # grid size of SAVER's likelihood-weighted average for flat likelihoods (0: plain maximum)
     chunk_genes: int | None = None,  # genes per chunk (None: about 2 million matrix entries per chunk)
-) -> dict:  # posterior_mean, posterior_variance (cells x genes, lambda scale) and a per-gene `table`
+) -> dict:  # posterior_mean, posterior_variance (cells x genes, lambda scale), the prior used and a per-gene `table`
     "SAVER's empirical-Bayes shrinkage: Gamma prior around `prior_mean`, per-gene variance form and hyperparameter by marginal likelihood."
     forms = tuple(forms)
-    bad = [f for f in forms if f not in PRIOR_VARIANCE_FORMS]
-    if bad or not forms:
-        raise ValueError(f"forms={forms!r}: choose one or more of {PRIOR_VARIANCE_FORMS}.")
+    if not forms:
+        raise ValueError(f"forms=(): choose one or more of {list(PRIOR_VARIANCE_FORMS)}.")
+    for f in forms: check_choice(f, PRIOR_VARIANCE_FORMS, "forms")
     X = counts if sp.issparse(counts) else np.asarray(counts)
     n, G = X.shape
     mu_all = np.asarray(prior_mean, dtype=np.float64)
@@ -169,6 +169,16 @@ def poisson_gamma_shrinkage(
                          f"min {s_np.min() if s_np.size else 'n/a'}.")
     if not np.all(np.isfinite(mu_all)) or mu_all.min() < 0:
         raise ValueError("prior_mean must be finite and non-negative.")
+    # y = x / s per gene: its mean (rescaling, never-detected genes) and variance (the search intervals)
+    y = sp.csr_matrix(X, dtype=np.float64).multiply(1.0 / s_np[:, None]) if sp.issparse(X) \
+        else np.asarray(X, dtype=np.float64) / s_np[:, None]
+    y_mean, y_var = column_mean_var(y)
+    if rescale_prior:  # SAVER's calc.estimate.mean: mu * mean(y) / mean(mu); a prior that averages 0 becomes mean(y)
+        mu_mean = mu_all.mean(0)
+        ratio = y_mean / np.where(mu_mean > 0, mu_mean, 1.0)
+        mu_all = np.where(mu_mean > 0, mu_all * ratio, y_mean)
+    detected = y_mean > 0  # SAVER's calc.post: a gene without counts gets estimate 0 and standard error 0
+    uppers = _upper_bounds(y_mean, y_var)
     s = torch.as_tensor(s_np)[:, None]
     chunk = chunk_genes or max(1, int(2e6 // max(n, 1)))
     post_mean, post_var = np.empty((n, G)), np.empty((n, G))
@@ -177,8 +187,8 @@ def poisson_gamma_shrinkage(
         cols = slice(start, min(G, start + chunk))
         x = torch.as_tensor(_as_dense(X[:, cols]))
         mu = torch.as_tensor(np.ascontiguousarray(mu_all[:, cols])).clamp_min(1e-10)
-        upper, lik = _upper_bounds(x, s), _MarginalLikelihood(x, mu, s)
-        fits = {f: _fit_form(lik, upper[f], f, n_grid, n_refine, n_flat) for f in forms}
+        lik = _MarginalLikelihood(x, mu, s)
+        fits = {f: _fit_form(lik, uppers[f][cols], f, n_grid, n_refine, n_flat) for f in forms}
         ll = torch.stack([fits[f][1] for f in forms])  # (forms, genes)
         choice = ll.argmax(0)
         phi = torch.stack([fits[f][0] for f in forms]).gather(0, choice[None]).squeeze(0)
@@ -194,10 +204,14 @@ def poisson_gamma_shrinkage(
         for k, f in enumerate(forms):
             block[f"loglik_{f}"] = (ll[k] - lik.log_factorials).numpy()  # the full marginal log-likelihood
         rows.append(block)
-    return dict(posterior_mean=post_mean, posterior_variance=post_var, table=pd.concat(rows, ignore_index=True))
+    table = pd.concat(rows, ignore_index=True)
+    if not detected.all():
+        post_mean[:, ~detected], post_var[:, ~detected] = 0.0, 0.0
+        table.loc[~detected, ["prior_form", "prior_parameter"]] = ["none (no counts)", 0.0]
+    table.insert(0, "detected", detected)
+    return dict(posterior_mean=post_mean, posterior_variance=post_var, prior_mean=np.asarray(mu_all), table=table)
 
-# %% ../../nbs/12_models.saverx.ipynb #8718a8d2
-_LOG_MIN_MEAN, _LOG_MAX_MEAN = math.log(1e-5), math.log(1e6)  # mean per 10k = clip(exp(.), 1e-5, 1e6)
+# %% ../../nbs/12_models.saverx.ipynb #05f2d844
 _NB_EPS = 1e-10  # epsilon inside the logs of the reference's NB loss
 _FILTER_EPS = 1e-10  # epsilon inside the log of the stage-2 Poisson error (as the reference's autoFilterCV)
 _NETWORK_PREFIXES = ("hidden.", "mean_head.", "log_theta")  # what transfers from a pretrained model
@@ -207,17 +221,17 @@ def _gene_constant(X, rows=None) -> np.ndarray:
     sub = X if rows is None else X[np.asarray(rows)]
     library = np.asarray(sub.sum(1), dtype=np.float64).ravel()
     scale = 1e4 / np.maximum(library, 1e-12)
-    if sp.issparse(sub):
-        return np.asarray(sp.csr_matrix(sub, dtype=np.float64).multiply(scale[:, None]).mean(0)).ravel()
-    return (np.asarray(sub, dtype=np.float64) * scale[:, None]).mean(0)
+    per_10k = sp.csr_matrix(sub, dtype=np.float64).multiply(scale[:, None]) if sp.issparse(sub) \
+        else np.asarray(sub, dtype=np.float64) * scale[:, None]
+    return column_mean_var(per_10k)[0]
 
 def _poisson_error(x, mu) -> np.ndarray:
     "Per-gene mean Poisson negative log-likelihood of counts `x` under means `mu` (the filter's error, eps 1e-10)."
     x, mu = torch.as_tensor(_as_dense(x)), torch.as_tensor(np.asarray(mu, dtype=np.float64))
     return (-log_poisson(x, mu, eps=_FILTER_EPS)).mean(0).numpy()
 
-# %% ../../nbs/12_models.saverx.ipynb #05f2d844
-class SAVERXModule(nn.Module):
+# %% ../../nbs/12_models.saverx.ipynb #ed09e48e
+class SAVERXModule(BaseModule):
     "SAVER-X's autoencoder: log1p(counts per 10k) on the network's genes → hidden layers → per-10k means; gene-wise NB dispersion."
     def __init__(
         self,
@@ -231,7 +245,7 @@ class SAVERXModule(nn.Module):
     ):
         super().__init__()
         index = torch.as_tensor(np.asarray(network_index), dtype=torch.long).reshape(-1)
-        if index.max() >= n_network_genes:
+        if len(index) and index.max() >= n_network_genes:
             raise ValueError(f"network_index points past the {n_network_genes} network genes.")
         data_pos = torch.nonzero(index >= 0).squeeze(1)
         self.n_network_genes = int(n_network_genes)
@@ -249,10 +263,7 @@ class SAVERXModule(nn.Module):
                                dropout=dropout_rate, activation="relu")
         self.mean_head = nn.Linear(list(hidden_sizes)[-1], n_network_genes)
         self.log_theta = nn.Parameter(torch.zeros(1, n_network_genes))  # gene-wise theta = clip(exp(w), 1e-3, 1e4)
-        for m in self.modules():  # Keras Dense defaults: glorot_uniform weights, zero biases
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None: nn.init.zeros_(m.bias)
+        keras_init_(self)  # Keras Dense defaults: glorot_uniform weights, zero biases
 
     def to_network(self, x: torch.Tensor) -> torch.Tensor:
         "Counts of the data genes placed in the network's gene order (zeros where the data lack a network gene)."
@@ -266,19 +277,18 @@ class SAVERXModule(nn.Module):
         x = self.to_network(batch["x"])
         size_factor = (x.sum(1, keepdim=True) / 1e4).clamp_min(1e-4)  # n_counts / 10,000 over the network's genes
         last, pre = self.hidden(torch.log1p(x / size_factor), return_pre=True)
-        mean = torch.exp(self.mean_head(last).clamp(_LOG_MIN_MEAN, _LOG_MAX_MEAN))
-        theta = torch.exp(self.log_theta).clamp(1e-3, 1e4)
+        mean = clamped_exp(self.mean_head(last), 1e-5, 1e6)  # the reference's MeanAct
+        theta = clamped_exp(self.log_theta, 1e-3, 1e4)
         return dict(x=x, latent=pre[self.center], mean=mean, mu=size_factor * mean, theta=theta)
 
-    def loss(self, batch: dict, kl_weight: float = 1.0) -> LossOutput:
+    def loss(self, batch: dict, *, kl_weight: float = 1.0) -> LossOutput:
         "NB negative log-likelihood of the network genes the data measure (masked), averaged over all network entries."
         out = self.forward(batch)
         nll = -log_nb(out["x"], out["mu"], out["theta"].expand_as(out["mu"]), eps=_NB_EPS)
         if not self.identity:
             nll = nll * self.network_mask
-        n_cells = nll.shape[0]
-        observed = nll.sum() / (n_cells * self.network_mask.sum())  # mean over the measured entries
-        return LossOutput(nll.mean(), {"nll_observed": observed}, n_cells)
+        observed = nll.detach().sum(1) / self.network_mask.sum()  # per cell: mean over the measured genes
+        return LossOutput(nll.mean(), {"nll_observed": observed})
 
     def expected_counts(self, batch: dict, stage: str = "autoencoder") -> torch.Tensor:
         "Count-scale means of the data genes: 'autoencoder' (network; gene constant where it lacks a gene) or 'filtered'."
@@ -333,14 +343,14 @@ def _map_genes(var_names, network_genes, orthologs=None) -> tuple[np.ndarray, in
     return network.get_indexer(source).astype(np.int64), int(ambiguous.sum())
 
 # %% ../../nbs/12_models.saverx.ipynb #9648ad4b
-@register_model("saverx", capabilities=("embed", "denoise"))
 class SAVERX(BaseModel):
     "SAVER-X (Wang et al. 2019): a transferable NB autoencoder, a cross-validated gene filter and SAVER's Poisson-Gamma shrinkage."
     size_factor_kind = "per10k"  # s = n_counts / 10,000
+    needs_validation = True  # the default gene filter scores the validation cells (set per model from gene_filter)
+    tl_outputs = (("layers", "{key}_variance", "get_posterior_variance"),)  # sd.tl.saverx also writes the variance
     default_train_kwargs = dict(max_epochs=300, batch_size=None, validation_fraction=0.1, early_stopping=True,
                                 patience=6, restore_best=True, optimizer="rmsprop", lr=1e-3, grad_clip_value=5.0,
-                                scheduler="plateau",
-                                scheduler_kwargs=dict(factor=0.1, patience=4, threshold=1e-4, threshold_mode="abs"))
+                                scheduler="keras_plateau", scheduler_kwargs=dict(factor=0.1, patience=4, min_delta=1e-4))
     STAGES = ("shrunk", "filtered", "autoencoder")
     GENE_FILTERS = ("validation", "cv", None)
 
@@ -352,10 +362,11 @@ class SAVERX(BaseModel):
         hidden_sizes: Sequence[int] = (64, 32, 64),  # hidden layers; (128, 64, 32, 64, 128) is the reference's transfer net
         dropout_rate: float = 0.0,  # dropout after each hidden activation
         batch_norm: bool = True,  # batch-norm (shift only) after each hidden Dense layer
-        gene_filter: str | None = "validation",  # stage 2 held-out cells: "validation" split, "cv" (k-fold, retrains), None (off)
+        gene_filter: str | None = "validation",  # stage 2 held-out cells: "validation" split, "cv" (k-fold, retrains; the reference's), None (off)
         cv_folds: int = 6,  # folds of gene_filter="cv" (the reference: 6)
         cv_rounds: int = 3,  # folds actually held out (and models retrained) with gene_filter="cv" (the reference: 3)
         prior_variance_forms: Sequence[str] = PRIOR_VARIANCE_FORMS,  # stage 3 prior variance forms chosen from per gene
+        rescale_prior: bool = True,  # stage 3: rescale each gene's prior mean to the data's mean of x / s first (SAVER)
         allow_non_integer: bool = False,  # accept non-integer counts (ambient-corrected, expected counts)
     ):
         hidden_sizes = [int(h) for h in hidden_sizes]
@@ -363,27 +374,29 @@ class SAVERX(BaseModel):
             raise ValueError(f"hidden_sizes={hidden_sizes} must list at least one positive layer width.")
         if not 0 <= dropout_rate < 1:
             raise ValueError(f"dropout_rate={dropout_rate} must be in [0, 1).")
-        if gene_filter not in self.GENE_FILTERS:
-            raise ValueError(f"gene_filter={gene_filter!r} is unknown; use 'validation', 'cv' or None.")
+        check_choice(gene_filter, self.GENE_FILTERS, "gene_filter")
         if int(cv_folds) < 2 or not 1 <= int(cv_rounds) <= int(cv_folds):
             raise ValueError(f"cv_folds={cv_folds}, cv_rounds={cv_rounds}: need cv_folds >= 2 and 1 <= cv_rounds <= cv_folds.")
         forms = [str(f) for f in prior_variance_forms]
-        if not forms or set(forms) - set(PRIOR_VARIANCE_FORMS):
-            raise ValueError(f"prior_variance_forms={forms}: choose one or more of {PRIOR_VARIANCE_FORMS}.")
+        if not forms:
+            raise ValueError(f"prior_variance_forms is empty; choose one or more of {list(PRIOR_VARIANCE_FORMS)}.")
+        for f in forms: check_choice(f, PRIOR_VARIANCE_FORMS, "prior_variance_forms")
+        self.needs_validation = gene_filter == "validation"
         self._network_genes, self._network_index = None, None  # None: the network's genes are the data's genes
         self._pretrained_state, self._pretrained_from = None, None
         self._filter_errors, self._cache = None, {}
         super().__init__(adata, layer, allow_non_integer=allow_non_integer, hidden_sizes=hidden_sizes,
                          dropout_rate=float(dropout_rate), batch_norm=bool(batch_norm), gene_filter=gene_filter,
-                         cv_folds=int(cv_folds), cv_rounds=int(cv_rounds), prior_variance_forms=forms)
+                         cv_folds=int(cv_folds), cv_rounds=int(cv_rounds), prior_variance_forms=forms,
+                         rescale_prior=bool(rescale_prior))
 
-    # --- the network ------------------------------------------------------------------------------------------
     @property
     def network_genes(self) -> list:
         "The genes of the autoencoder (the pretrained model's genes after `from_pretrained`, else the data's)."
         return list(self._network_genes) if self._network_genes is not None else list(self.data.var_names)
 
-    def _build_module(self) -> SAVERXModule:
+    def build_module(self) -> SAVERXModule:
+        "The autoencoder over the network's genes (from the pretrained weights when fine-tuning)."
         d, h = self.data, self.hparams
         index = self._network_index if self._network_index is not None else np.arange(d.n_vars)
         module = SAVERXModule(len(self.network_genes), index, _gene_constant(d.X), hidden_sizes=h["hidden_sizes"],
@@ -392,236 +405,254 @@ class SAVERX(BaseModel):
             module.load_state_dict(self._pretrained_state, strict=False)
         return module
 
-    # --- stages 1 and 2: training and the gene filter ---------------------------------------------------------
-    def train(
-        self,
-        max_epochs: int | None = None,  # at most this many epochs (reference: 300; early stopping ends sooner)
-        batch_size: int | None = None,  # cells per minibatch; None: max(n_cells / 50, 32) as the reference
-        *,
-        validation_fraction: float | None = None,  # held-out cells (0.1): early stopping, and the gene filter's test cells
-        seed: int | None = 0,  # seeds weights (first training), splits and minibatches
-        **kwargs,  # see `BaseModel.train`: device, progress_bar, lr, patience, ...
-    ):
-        "Fit the autoencoder (stage 1, reference settings), then pick the genes it predicts better than a constant (stage 2)."
-        if batch_size is None:
-            batch_size = max(self.data.n_obs // 50, 32)
-        vf = self.default_train_kwargs["validation_fraction"] if validation_fraction is None else validation_fraction
-        if self.hparams["gene_filter"] == "validation" and vf <= 0:
-            raise ValueError("gene_filter='validation' tests the autoencoder on the held-out validation cells; keep "
-                             "validation_fraction > 0, or use gene_filter='cv' (k-fold) or gene_filter=None (no filter).")
-        super().train(max_epochs, batch_size, validation_fraction=vf, seed=seed, **kwargs)
-        self._fit_gene_filter(vf, seed or 0, max_epochs, batch_size, kwargs)
-        self._cache = {}
-        return self
-
-    @torch.no_grad()
-    def _module_counts(self, module: SAVERXModule, indices, stage: str = "autoencoder", batch_size: int = 1024):
-        "Count-scale predictions of `module` for some training cells."
-        module.eval()
-        device = next(module.parameters()).device
-        return np.concatenate([module.expected_counts(b, stage).cpu().numpy().astype(np.float64)
-                               for b in self.data.loader(indices, batch_size, device=device)])
-
-    def _held_out_errors(self, module, train_idx, test_idx):
-        "Per-gene Poisson errors on test cells of the autoencoder and of the constant fitted on the training cells."
-        d = self.data
-        x = d.X[np.asarray(test_idx)]
-        constant = _gene_constant(d.X, train_idx)[None, :] * d.size_factors[test_idx].astype(np.float64)[:, None]
-        return _poisson_error(x, self._module_counts(module, test_idx)), _poisson_error(x, constant)
-
-    def _cv_errors(self, validation_fraction, seed, max_epochs, batch_size, kwargs):
-        "The reference's k-fold filter: retrain on all but one fold for `cv_rounds` sampled folds; summed held-out errors."
-        d, h = self.data, self.hparams
-        kw = {**self.default_train_kwargs, **kwargs}
-        if max_epochs is not None: kw["max_epochs"] = max_epochs
-        rng = np.random.default_rng(seed)
-        perm, n_test = rng.permutation(d.n_obs), d.n_obs // h["cv_folds"]
-        if n_test < 1:
-            raise ValueError(f"{d.n_obs} cells are too few for cv_folds={h['cv_folds']}; use gene_filter='validation'.")
-        err_ae, err_constant = np.zeros(d.n_vars), np.zeros(d.n_vars)
-        for r, fold in enumerate(rng.choice(h["cv_folds"], size=h["cv_rounds"], replace=False)):
-            test = np.sort(perm[fold * n_test:(fold + 1) * n_test])
-            rest = rng.permutation(np.setdiff1d(np.arange(d.n_obs), test))
-            n_val = int(round(validation_fraction * len(rest)))
-            fit, val = np.sort(rest[n_val:]), np.sort(rest[:n_val])
-            set_seed(seed + 1 + r)
-            module = self._build_module()
-            plan = TrainingPlan(module, **{k: kw[k] for k in PLAN_OPTIONS if k in kw})
-            trainer = Trainer(int(kw["max_epochs"]), device=self.device, seed=seed + 1 + r, progress_bar=False,
-                              **{k: kw[k] for k in TRAINER_OPTIONS if k in kw})
-            trainer.fit(plan, d.loader(fit, batch_size, shuffle=True, seed=seed + r),
-                        d.loader(val, max(batch_size, 1024)) if len(val) else None)
-            e_ae, e_c = self._held_out_errors(module, rest, test)
-            err_ae += e_ae; err_constant += e_c
-        return err_ae, err_constant
-
-    def _fit_gene_filter(self, validation_fraction, seed, max_epochs, batch_size, kwargs):
-        "Stage 2: keep the autoencoder's prediction for genes where its held-out Poisson error is not above the constant's."
-        mode = self.hparams["gene_filter"]
-        in_network = (self.module.network_index >= 0).cpu().numpy()
-        if mode is None:
-            keep, errors = in_network, None
-        else:
-            if mode == "validation":
-                train_idx, val_idx = self.data.split(validation_fraction, seed)
-                err_ae, err_constant = self._held_out_errors(self.module, train_idx, val_idx)
-            else:
-                err_ae, err_constant = self._cv_errors(validation_fraction, seed, max_epochs, batch_size, kwargs)
-            keep = in_network & (err_ae <= err_constant)
-            errors = dict(autoencoder=err_ae.tolist(), constant=err_constant.tolist())
-        self.module.use_autoencoder.copy_(torch.as_tensor(keep, device=self.module.use_autoencoder.device)[None])
-        self._filter_errors = errors
-
-    # --- outputs ----------------------------------------------------------------------------------------------
-    def _stage_counts(self, adata, stage: str, batch_size: int) -> np.ndarray:
-        self._check_trained()
-        return self._forward_batches(lambda b: self.module.expected_counts(b, stage), adata, batch_size=batch_size)
-
-    def _shrinkage(self, adata=None, batch_size: int = 1024) -> dict:
-        "Stage 3 on `adata` (None: the training data, cached): SAVER's shrinkage around the filtered prediction."
-        if adata is None and "shrinkage" in self._cache:
-            return self._cache["shrinkage"]
-        data = self._data_for(adata)
-        s = data.size_factors.astype(np.float64)
-        prior = self._stage_counts(adata, "filtered", batch_size).astype(np.float64) / s[:, None]  # per 10k
-        res = poisson_gamma_shrinkage(data.X, prior, s, forms=self.hparams["prior_variance_forms"])
-        res["size_factors"] = s
-        if adata is None: self._cache["shrinkage"] = res
-        return res
-
-    def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,  # cells to denoise (same genes as the model); None: the training data
-        stage: str = "shrunk",  # "shrunk" (stage 3, SAVER-X's output), "filtered" (stage 2) or "autoencoder" (stage 1)
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, genes) denoised expected counts on each cell's own count scale
-        "Denoised expression on each cell's count scale: posterior mean s (x + alpha) / (s + beta), or an earlier stage."
-        if stage not in self.STAGES:
-            raise ValueError(f"stage={stage!r} is unknown; use one of {self.STAGES}.")
-        if stage != "shrunk":
-            return self._stage_counts(adata, stage, batch_size)
-        res = self._shrinkage(adata, batch_size)
-        return (res["posterior_mean"] * res["size_factors"][:, None]).astype(np.float32)
-
-    def get_posterior_variance(
-        self,
-        adata: AnnData | None = None,  # cells (same genes as the model); None: the training data
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, genes) posterior variance on the count scale: s^2 (x + alpha) / (s + beta)^2
-        "Posterior variance of each denoised value (stage 3), on the same count scale as `get_normalized_expression`."
-        res = self._shrinkage(adata, batch_size)
-        return (res["posterior_variance"] * res["size_factors"][:, None] ** 2).astype(np.float32)
-
-    def get_latent_representation(
-        self,
-        adata: AnnData | None = None,  # cells to embed (same genes as the model); None: the training data
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, bottleneck width): the centre layer's Dense output, before batch-norm / ReLU
-        "The autoencoder's bottleneck representation of each cell."
-        self._check_trained()
-        return self._forward_batches(lambda b: self.module(b)["latent"], adata, batch_size=batch_size)
-
-    def get_gene_table(
-        self,
-        adata: AnnData | None = None,  # data whose shrinkage fit to report; None: the training data
-    ) -> pd.DataFrame:  # one row per gene
-        "Per gene: its network gene, the stage-2 decision and errors, and the stage-3 prior variance form and parameter."
-        self._check_trained()
-        index = self.module.network_index.cpu().numpy()
-        net = self.network_genes
-        table = pd.DataFrame(index=self.var_names.copy())
-        table["network_gene"] = [net[i] if i >= 0 else None for i in index]
-        table["use_autoencoder"] = self.module.use_autoencoder[0].cpu().numpy()
-        errors = self._filter_errors or {}
-        table["error_autoencoder"] = errors.get("autoencoder", np.nan)
-        table["error_constant"] = errors.get("constant", np.nan)
-        shrink = self._shrinkage(adata)["table"]
-        for col in shrink.columns:
-            table[col] = shrink[col].to_numpy()
-        return table
-
-    # --- transfer learning ------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained,  # a trained SAVERX, or the folder it was saved to (`model.save(dir)`)
-        adata: AnnData,  # the target data; its genes need only partly overlap the pretrained model's
-        layer: str | None = None,  # layer with the target's counts
-        *,
-        orthologs=None,  # another species: DataFrame (source = pretrained model's gene, target = adata's gene) or dict
-        allow_non_integer: bool = False,  # accept non-integer counts
-        **options,  # gene_filter, cv_folds, cv_rounds, prior_variance_forms (the architecture is the pretrained one)
-    ) -> "SAVERX":  # an untrained model on `adata` whose autoencoder starts from the pretrained weights: call `.train()`
-        "Build a SAVER-X model on `adata` that fine-tunes a pretrained autoencoder (another dataset, or another species)."
-        fixed = {"hidden_sizes", "dropout_rate", "batch_norm"} & set(options)
-        if fixed:
-            raise TypeError(f"{sorted(fixed)} come from the pretrained model and cannot be changed when fine-tuning.")
-        if isinstance(pretrained, SAVERX):
-            if not pretrained.is_trained:
-                raise ValueError("The pretrained SAVERX is not trained; call `.train()` on it first.")
-            arch, network_genes = pretrained.hparams, pretrained.network_genes
-            state, source = pretrained.module.network_state_dict(), f"a SAVERX on {pretrained.data.n_obs} cells"
-        else:
-            path = Path(pretrained)
-            if not (path / "params.json").exists():
-                raise FileNotFoundError(f"{path} has no params.json; pass a trained SAVERX or a folder written by "
-                                        f"`SAVERX.save()`.")
-            params = json.loads((path / "params.json").read_text())
-            if params.get("model_class") != cls.__name__:
-                raise ValueError(f"{path} holds a {params.get('model_class')} model; SAVER-X can only fine-tune a "
-                                 f"saved {cls.__name__}.")
-            if not params.get("is_trained", False):
-                raise ValueError(f"The model saved in {path} is not trained; train it before fine-tuning from it.")
-            arch = params["init_params"]
-            network_genes = params.get("extra", {}).get("network_genes") or params["setup"]["var_names"]
-            state = {k: v for k, v in torch.load(path / "model.pt", map_location="cpu", weights_only=True).items()
-                     if k.startswith(_NETWORK_PREFIXES)}
-            source = str(path)
-        index, n_ambiguous = _map_genes(adata.var_names, network_genes, orthologs)
-        n_shared, how = int((index >= 0).sum()), " through the ortholog table" if orthologs is not None else ""
-        if n_shared == 0:
-            raise ValueError(
-                f"No gene of this AnnData ({adata.n_vars} genes, e.g. {list(adata.var_names[:3])}) maps{how} to the "
-                f"pretrained model's {len(network_genes)} genes (e.g. {list(network_genes[:3])}), so there is nothing to "
-                f"fine-tune. Check the gene naming (symbols vs Ensembl IDs, case), pass orthologs= for another species, "
-                f"or train from scratch with SAVERX(adata).")
-        notes = []
-        if n_shared < adata.n_vars:
-            notes.append(f"{adata.n_vars - n_shared} of the data's {adata.n_vars} genes are not in the pretrained model: "
-                         f"they get the constant gene-mean prediction (stage 2) before shrinkage")
-        if n_shared < len(network_genes):
-            notes.append(f"{len(network_genes) - n_shared} of the model's {len(network_genes)} genes are not measured "
-                         f"here: they are zeros in the input and masked out of the loss")
-        if n_ambiguous:
-            notes.append(f"{n_ambiguous} ortholog pairs that are not one-to-one were ignored")
-        if notes:
-            warnings.warn("; ".join(notes) + ".", stacklevel=2)
-        model = cls(adata, layer, allow_non_integer=allow_non_integer, hidden_sizes=arch["hidden_sizes"],
-                    dropout_rate=arch["dropout_rate"], batch_norm=arch["batch_norm"], **options)
-        model._network_genes, model._network_index = [str(g) for g in network_genes], index
-        model._pretrained_state, model._pretrained_from = state, source
-        model.module = model._build_module()
-        return model
-
-    # --- save / load ------------------------------------------------------------------------------------------
-    def _extra_state(self) -> dict:
+    def state_to_save(self) -> dict:
+        "The network's genes and the map of the data's genes onto them, the stage-2 errors, where the weights came from."
         return dict(network_genes=self._network_genes,
                     network_index=None if self._network_index is None else self._network_index.tolist(),
                     filter_errors=self._filter_errors, pretrained_from=self._pretrained_from)
 
-    def _load_extra_state(self, extra: dict):
-        if extra.get("network_genes") is not None:
-            self._network_genes = list(extra["network_genes"])
-            self._network_index = np.asarray(extra["network_index"], dtype=np.int64)
-            self.module = self._build_module()
-        self._filter_errors, self._pretrained_from, self._cache = extra.get("filter_errors"), extra.get("pretrained_from"), {}
+    def restore_state(self, state: dict):
+        "Restore what `state_to_save` returned (`load` calls it before `build_module`)."
+        if state.get("network_genes") is not None:
+            self._network_genes = list(state["network_genes"])
+            self._network_index = np.asarray(state["network_index"], dtype=np.int64)
+        self._filter_errors, self._pretrained_from, self._cache = state.get("filter_errors"), state.get("pretrained_from"), {}
 
-    @classmethod
-    def load(cls, dir_path: str, adata: AnnData, device="cpu") -> "SAVERX":
-        "Load a saved SAVER-X onto `adata` with exactly its genes (use `from_pretrained` to fine-tune on other genes)."
+# %% ../../nbs/12_models.saverx.ipynb #64acbf7b
+@patch
+def train(
+    self: SAVERX,
+    max_epochs: int | None = None,  # at most this many epochs (reference: 300; early stopping ends sooner)
+    batch_size: int | None = None,  # cells per minibatch; None: max(n_cells / 50, 32) as the reference
+    *,
+    validation_fraction: float | None = None,  # held-out cells (0.1): early stopping, and the gene filter's test cells
+    seed: int | None = 0,  # seeds weights (first training), splits and minibatches
+    **kwargs,  # see `BaseModel.train`: device, progress_bar, lr, patience, ...
+):
+    "Fit the autoencoder (stage 1, reference settings), then pick the genes it predicts better than a constant (stage 2)."
+    if batch_size is None:
+        batch_size = max(self.data.n_obs // 50, 32)
+    vf = self.default_train_kwargs["validation_fraction"] if validation_fraction is None else validation_fraction
+    self._check_filter_cells(vf, seed or 0)
+    super(SAVERX, self).train(max_epochs, batch_size, validation_fraction=vf, seed=seed, **kwargs)
+    self._fit_gene_filter(vf, seed or 0, max_epochs, batch_size, kwargs)
+    self._cache = {}
+    return self
+
+@patch
+def _check_filter_cells(self: SAVERX, validation_fraction: float, seed: int):
+    "Refuse, before training, a split or a fold layout that leaves the gene filter without held-out cells."
+    mode, n = self.hparams["gene_filter"], self.data.n_obs
+    if mode == "validation":
         try:
-            return super().load(dir_path, adata, device)
+            self.split_cells(validation_fraction, seed)
         except ValueError as e:
-            if "genes" not in str(e): raise
-            raise ValueError(f"{e} To fine-tune this model on data with other genes, use "
-                             f"`SAVERX.from_pretrained({str(dir_path)!r}, adata)`.") from None
+            raise ValueError(f"{e} (SAVER-X's gene_filter='validation' compares the autoencoder with a constant on the "
+                             f"validation cells; gene_filter='cv' or gene_filter=None need none.)") from None
+    elif mode == "cv":
+        folds = self.hparams["cv_folds"]
+        n_fit = n - n // folds - int(round(validation_fraction * (n - n // folds)))
+        if n // folds < 1 or n_fit < 2:
+            raise ValueError(f"{n} cells are too few for gene_filter='cv' with cv_folds={folds}: each fold needs a "
+                             f"held-out cell and each retraining two training cells. Give it more cells, or use "
+                             f"gene_filter='validation' or gene_filter=None.")
+
+@patch
+def _held_out_errors(self: SAVERX, module: SAVERXModule, train_idx, test_idx):
+    "Per-gene Poisson errors on test cells of the autoencoder and of the constant fitted on the training cells."
+    d = self.data
+    x = d.X[np.asarray(test_idx)]
+    constant = _gene_constant(d.X, train_idx)[None, :] * d.size_factors[test_idx].astype(np.float64)[:, None]
+    predicted = self.run_module(lambda m, b: m.expected_counts(b), indices=test_idx, module=module)
+    return _poisson_error(x, predicted.astype(np.float64)), _poisson_error(x, constant)
+
+@patch
+def _cv_errors(self: SAVERX, validation_fraction: float, seed: int, max_epochs, batch_size: int, kwargs: dict):
+    "The reference's k-fold filter: retrain on all but one fold for `cv_rounds` sampled folds; summed held-out errors."
+    d, h = self.data, self.hparams
+    options = {k: v for k, v in {**self.default_train_kwargs, **kwargs}.items() if k in TRAINER_OPTIONS + PLAN_OPTIONS}
+    epochs = int(max_epochs or self.default_train_kwargs["max_epochs"])
+    rng = np.random.default_rng(seed)
+    perm, n_test = rng.permutation(d.n_obs), d.n_obs // h["cv_folds"]
+    err_ae, err_constant = np.zeros(d.n_vars), np.zeros(d.n_vars)
+    for r, fold in enumerate(rng.choice(h["cv_folds"], size=h["cv_rounds"], replace=False)):
+        test = np.sort(perm[fold * n_test:(fold + 1) * n_test])
+        rest = rng.permutation(np.setdiff1d(np.arange(d.n_obs), test))
+        n_val = int(round(validation_fraction * len(rest)))
+        fit, val = np.sort(rest[n_val:]), np.sort(rest[:n_val])
+        set_seed(seed + 1 + r)  # the fold's initial weights
+        module = self.build_module()
+        self.fit_module(module, fit, val, max_epochs=epochs, batch_size=batch_size, device=self.device, seed=seed + r,
+                        progress_bar=False, **options)
+        e_ae, e_c = self._held_out_errors(module, rest, test)
+        err_ae += e_ae; err_constant += e_c
+    return err_ae, err_constant
+
+@patch
+def _fit_gene_filter(self: SAVERX, validation_fraction: float, seed: int, max_epochs, batch_size: int, kwargs: dict):
+    "Stage 2: keep the autoencoder's prediction for genes where its held-out Poisson error is not above the constant's."
+    mode = self.hparams["gene_filter"]
+    in_network = (self.module.network_index >= 0).cpu().numpy()
+    if mode is None:
+        keep, errors = in_network, None
+    else:
+        if mode == "validation":
+            train_idx, val_idx = self.split_cells(validation_fraction, seed)
+            err_ae, err_constant = self._held_out_errors(self.module, train_idx, val_idx)
+        else:
+            err_ae, err_constant = self._cv_errors(validation_fraction, seed, max_epochs, batch_size, kwargs)
+        keep = in_network & (err_ae <= err_constant)
+        errors = dict(autoencoder=err_ae.tolist(), constant=err_constant.tolist())
+    self.module.use_autoencoder.copy_(torch.as_tensor(keep, device=self.module.use_autoencoder.device)[None])
+    self._filter_errors = errors
+
+# %% ../../nbs/12_models.saverx.ipynb #6e1a78f8
+@patch
+def _shrinkage(self: SAVERX, adata: AnnData | None = None, batch_size: int = 1024) -> dict:
+    "Stage 3 on `adata` (None: the training data, cached): SAVER's shrinkage around the filtered prediction."
+    if adata is None and "shrinkage" in self._cache:
+        return self._cache["shrinkage"]
+    self.check_trained()
+    data = self.data_for(adata)
+    s = data.size_factors.astype(np.float64)
+    counts = self.run_module(lambda m, b: m.expected_counts(b, "filtered"), adata, batch_size=batch_size)
+    prior = counts.astype(np.float64) / s[:, None]  # per 10k, in the model's gene order (like data.X)
+    res = poisson_gamma_shrinkage(data.X, prior, s, forms=self.hparams["prior_variance_forms"],
+                                  rescale_prior=self.hparams.get("rescale_prior", True))
+    res["size_factors"], res["user_order"] = s, data.user_order
+    if adata is None: self._cache["shrinkage"] = res
+    return res
+
+def _in_user_order(matrix: np.ndarray, order) -> np.ndarray:
+    "Columns of a model-ordered (cells, genes) matrix in the AnnData's gene order."
+    return matrix if order is None else matrix[:, order]
+
+@patch
+def get_normalized_expression(
+    self: SAVERX,
+    adata: AnnData | None = None,  # cells to denoise (the model's genes, any order); None: the training data
+    stage: str = "shrunk",  # "shrunk" (stage 3, SAVER-X's output), "filtered" (stage 2) or "autoencoder" (stage 1)
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, genes) denoised expected counts on each cell's own count scale
+    "Denoised expression on each cell's count scale: posterior mean s (x + alpha) / (s + beta), or an earlier stage."
+    check_choice(stage, self.STAGES, "stage")
+    if stage != "shrunk":
+        return self.run_module(lambda m, b: m.expected_counts(b, stage), adata, batch_size=batch_size, per_gene=True)
+    res = self._shrinkage(adata, batch_size)
+    return _in_user_order((res["posterior_mean"] * res["size_factors"][:, None]).astype(np.float32), res["user_order"])
+
+@patch
+def get_posterior_variance(
+    self: SAVERX,
+    adata: AnnData | None = None,  # cells (the model's genes, any order); None: the training data
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, genes) posterior variance on the count scale: s^2 (x + alpha) / (s + beta)^2
+    "Posterior variance of each denoised value (stage 3), on the same count scale as `get_normalized_expression`."
+    res = self._shrinkage(adata, batch_size)
+    var = (res["posterior_variance"] * res["size_factors"][:, None] ** 2).astype(np.float32)
+    return _in_user_order(var, res["user_order"])
+
+@patch
+def get_latent_representation(
+    self: SAVERX,
+    adata: AnnData | None = None,  # cells to embed (the model's genes, any order); None: the training data
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, bottleneck width): the centre layer's Dense output, before batch-norm / ReLU
+    "The autoencoder's bottleneck representation of each cell."
+    return self.run_module(lambda m, b: m(b)["latent"], adata, batch_size=batch_size)
+
+@patch
+def get_gene_table(
+    self: SAVERX,
+    adata: AnnData | None = None,  # data whose shrinkage fit to report; None: the training data
+) -> pd.DataFrame:  # one row per gene (the model's gene order)
+    "Per gene: its network gene, the stage-2 decision and errors, and the stage-3 prior variance form and parameter."
+    self.check_trained()
+    index = self.module.network_index.cpu().numpy()
+    net = self.network_genes
+    table = pd.DataFrame(index=self.var_names.copy())
+    table["network_gene"] = [net[i] if i >= 0 else None for i in index]
+    table["use_autoencoder"] = self.module.use_autoencoder[0].cpu().numpy()
+    errors = self._filter_errors or {}
+    table["error_autoencoder"] = errors.get("autoencoder", np.nan)
+    table["error_constant"] = errors.get("constant", np.nan)
+    shrink = self._shrinkage(adata)["table"]
+    for col in shrink.columns:
+        table[col] = shrink[col].to_numpy()
+    return table
+
+# %% ../../nbs/12_models.saverx.ipynb #e62f7541
+register_model("saverx", capabilities=("embed", "denoise"))(SAVERX);
+
+# %% ../../nbs/12_models.saverx.ipynb #63f1e396
+@patch(cls_method=True)
+def from_pretrained(
+    cls: SAVERX,
+    pretrained,  # a trained SAVERX, or the folder it was saved to (`model.save(dir)`)
+    adata: AnnData,  # the target data; its genes need only partly overlap the pretrained model's
+    layer: str | None = None,  # layer with the target's counts
+    *,
+    orthologs=None,  # another species: DataFrame (source = pretrained model's gene, target = adata's gene) or dict
+    allow_non_integer: bool = False,  # accept non-integer counts
+    **options,  # gene_filter, cv_folds, cv_rounds, prior_variance_forms, rescale_prior (the architecture is the pretrained one)
+) -> SAVERX:  # an untrained model on `adata` whose autoencoder starts from the pretrained weights: call `.train()`
+    "Build a SAVER-X model on `adata` that fine-tunes a pretrained autoencoder (another dataset, or another species)."
+    fixed = {"hidden_sizes", "dropout_rate", "batch_norm"} & set(options)
+    if fixed:
+        raise TypeError(f"{sorted(fixed)} come from the pretrained model and cannot be changed when fine-tuning.")
+    if isinstance(pretrained, SAVERX):
+        if not pretrained.is_trained:
+            raise ValueError("The pretrained SAVERX is not trained; call `.train()` on it first.")
+        arch, network_genes = pretrained.hparams, pretrained.network_genes
+        state, source = pretrained.module.network_state_dict(), f"a SAVERX on {pretrained.data.n_obs} cells"
+    else:
+        saved = read_saved(pretrained)
+        if saved.model_class != cls.__name__:
+            raise ValueError(f"{saved.path} holds a {saved.model_class} model; SAVER-X can only fine-tune a "
+                             f"saved {cls.__name__}.")
+        if not saved.is_trained:
+            raise ValueError(f"The model saved in {saved.path} is not trained; train it before fine-tuning from it.")
+        arch = saved.init_params
+        network_genes = saved.extra.get("network_genes") or list(saved.var_names)
+        state = {k: v for k, v in saved.state_dict().items() if k.startswith(_NETWORK_PREFIXES)}
+        source = str(saved.path)
+    index, n_ambiguous = _map_genes(adata.var_names, network_genes, orthologs)
+    n_shared, how = int((index >= 0).sum()), " through the ortholog table" if orthologs is not None else ""
+    if n_shared == 0:
+        raise ValueError(
+            f"No gene of this AnnData ({adata.n_vars} genes, e.g. {list(adata.var_names[:3])}) maps{how} to the "
+            f"pretrained model's {len(network_genes)} genes (e.g. {list(network_genes[:3])}), so there is nothing to "
+            f"fine-tune. Check the gene naming (symbols vs Ensembl IDs, case), pass orthologs= for another species, "
+            f"or train from scratch with SAVERX(adata).")
+    notes = []
+    if n_shared < adata.n_vars:
+        notes.append(f"{adata.n_vars - n_shared} of the data's {adata.n_vars} genes are not in the pretrained model: "
+                     f"they get the constant gene-mean prediction (stage 2) before shrinkage")
+    if n_shared < len(network_genes):
+        notes.append(f"{len(network_genes) - n_shared} of the model's {len(network_genes)} genes are not measured "
+                     f"here: they are zeros in the input and masked out of the loss")
+    if n_ambiguous:
+        notes.append(f"{n_ambiguous} ortholog pairs that are not one-to-one were ignored")
+    if notes:
+        warnings.warn("; ".join(notes) + ".", stacklevel=2)
+    model = cls(adata, layer, allow_non_integer=allow_non_integer, hidden_sizes=arch["hidden_sizes"],
+                dropout_rate=arch["dropout_rate"], batch_norm=arch["batch_norm"], **options)
+    model._network_genes, model._network_index = [str(g) for g in network_genes], index
+    model._pretrained_state, model._pretrained_from = state, source
+    model.module = model.build_module()
+    return model
+
+@patch(cls_method=True)
+def load(
+    cls: SAVERX,
+    dir_path: str,  # folder written by `save`
+    adata: AnnData,  # data with exactly the saved model's genes (any order)
+    device="cpu",  # where to put the module
+) -> SAVERX:
+    "Load a saved SAVER-X onto `adata` with exactly its genes (use `from_pretrained` to fine-tune on other genes)."
+    try:
+        return super(SAVERX, cls).load(dir_path, adata, device)
+    except ValueError as e:
+        if "genes" not in str(e): raise
+        raise ValueError(f"{e} To fine-tune this model on data with other genes, use "
+                         f"`SAVERX.from_pretrained({str(dir_path)!r}, adata)`.") from None
