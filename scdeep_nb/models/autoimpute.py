@@ -10,11 +10,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+from fastcore.basics import patch
 from torch import nn
 
-from ..base import _LOADING, BaseModel, register_model
-from ..data import get_counts
-from ..train import LossOutput
+from ..base import BaseModel, register_model
+from ..data import column_mean_var, get_counts
+from ..nn import keras_init_
+from ..train import BaseModule, LossOutput
+from ..utils import check_choice
 
 # %% auto #0
 __all__ = ['autoimpute_genes', 'AutoImputeModule', 'AutoImpute']
@@ -25,18 +28,6 @@ def _column_count_above(X, threshold: float) -> np.ndarray:
     if sp.issparse(X):
         return np.asarray((X > threshold).sum(axis=0)).ravel()
     return (np.asarray(X) > threshold).sum(axis=0)
-
-def _mean_var(X) -> tuple[np.ndarray, np.ndarray]:
-    "Column means and unbiased (ddof=1) variances of a dense or CSR matrix, in float64."
-    n = X.shape[0]
-    if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float64)
-        mean = np.asarray(X.mean(axis=0)).ravel()
-        mean_sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
-    else:
-        X = np.asarray(X, dtype=np.float64)
-        mean, mean_sq = X.mean(axis=0), (X ** 2).mean(axis=0)
-    return mean, np.maximum(mean_sq - mean ** 2, 0.0) * n / max(n - 1, 1)
 
 def _binned_normalized_dispersion(mean: np.ndarray, dispersion: np.ndarray) -> np.ndarray:
     "|dispersion - bin median| / bin MAD, with 20 bins of mean expression (the reference's `get_variable_gene`)."
@@ -75,7 +66,7 @@ def _select_genes(X, min_count: float = 2, min_cells: int = 3,
                          "min_counts=...)`) or lower min_count / min_cells.")
     scale = np.divide(target, library, out=np.zeros_like(library), where=library > 0)
     scaled = sp.diags(scale) @ sp.csr_matrix(Xk) if sp.issparse(Xk) else np.asarray(Xk) * scale[:, None]
-    mean, var = _mean_var(scaled)
+    mean, var = column_mean_var(scaled, ddof=1)
     dispersion = var / mean
     score = _binned_normalized_dispersion(mean, dispersion)
     table = pd.DataFrame({"passes_filter": passes, "mean": np.nan, "dispersion": np.nan,
@@ -110,7 +101,7 @@ def _masked_squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 AUTOIMPUTE_INITS = ("xavier", "paper")
 
 # %% ../../nbs/13_models.autoimpute.ipynb #06b2b3cc
-class AutoImputeModule(nn.Module):
+class AutoImputeModule(BaseModule):
     "AutoImpute's overcomplete sigmoid autoencoder on log2 median-scaled expression, trained on non-zero entries."
     def __init__(
         self,
@@ -124,8 +115,7 @@ class AutoImputeModule(nn.Module):
         n_cells: int = 1,  # cells N given to the model: the loss is the reference's summed loss divided by N
     ):
         super().__init__()
-        if init not in AUTOIMPUTE_INITS:
-            raise ValueError(f"init={init!r} is unknown; use one of {AUTOIMPUTE_INITS}.")
+        check_choice(init, AUTOIMPUTE_INITS, "init")
         self.register_buffer("gene_index", torch.as_tensor(np.asarray(gene_index), dtype=torch.long))
         self.register_buffer("library_mask", torch.as_tensor(np.asarray(library_mask), dtype=torch.float32))
         self.register_buffer("target_library", torch.tensor(float(target_library), dtype=torch.float32))
@@ -134,9 +124,8 @@ class AutoImputeModule(nn.Module):
         self.lambda_reg, self.n_cells = float(lambda_reg), max(int(n_cells), 1)
         if init == "paper":  # tf.random_normal: mean 0, sd 1, for weights and biases alike
             for p in self.parameters(): nn.init.normal_(p, 0.0, 1.0)
-        else:  # Keras Dense defaults
-            for layer in (self.encoder, self.decoder):
-                nn.init.xavier_uniform_(layer.weight); nn.init.zeros_(layer.bias)
+        else:  # Keras Dense defaults: Glorot-uniform weights, zero biases
+            keras_init_(self)
 
     def library(self, counts: torch.Tensor) -> torch.Tensor:
         "Per-cell library size (B, 1): total count over the genes that passed the filter."
@@ -167,16 +156,15 @@ class AutoImputeModule(nn.Module):
         "(λ/2)(||W_e||² + ||W_d||²): weights only, not biases."
         return 0.5 * self.lambda_reg * (self.encoder.weight.pow(2).sum() + self.decoder.weight.pow(2).sum())
 
-    def loss(self, batch: dict) -> LossOutput:
-        "Mean over cells of the masked squared error, plus the penalty divided by the number of cells N."
+    def loss(self, batch: dict, *, kl_weight: float = 1.0) -> LossOutput:
+        "Mean over cells of the masked squared error (a per-cell term), plus the penalty divided by the number of cells N."
         x = self.inputs(batch["x"])
-        reconstruction = _masked_squared_error(x, self(x)).mean()
+        reconstruction = _masked_squared_error(x, self(x))
         regularization = self.penalty() / self.n_cells
-        return LossOutput(reconstruction + regularization,
-                          {"reconstruction": reconstruction, "regularization": regularization}, len(x))
+        return LossOutput(reconstruction.mean() + regularization,
+                          {"reconstruction": reconstruction, "regularization": regularization})
 
 # %% ../../nbs/13_models.autoimpute.ipynb #9827b213
-@register_model("autoimpute", capabilities=("denoise", "embed"))
 class AutoImpute(BaseModel):
     "AutoImpute (Talwar et al. 2018): an overcomplete autoencoder that imputes zeros from the observed log expression."
     require_integer = True  # the preprocessing (library scaling, log2) expects raw counts
@@ -184,7 +172,8 @@ class AutoImpute(BaseModel):
         max_epochs=7000,  # iterations: with the full batch, one epoch is one RMSProp step
         batch_size=2**31 - 1,  # full batch (every cell in one step); pass e.g. batch_size=256 for large data
         validation_fraction=0.0,  # the reference trains on every cell
-        early_stopping=True, monitor="train_reconstruction", min_delta=1e-4, patience=1,  # per-cell loss change ≤ 1e-4
+        early_stopping=False,  # the reference has no early stopping, only its convergence rule:
+        tolerance=1e-4, tolerance_every=1, monitor="train_reconstruction",  # stop when the per-cell loss changes by <= 1e-4
         optimizer="rmsprop", lr=1e-4, optimizer_kwargs=dict(alpha=0.9, eps=1e-10),  # TF1 RMSProp defaults
     )
 
@@ -201,43 +190,41 @@ class AutoImpute(BaseModel):
         min_cells: int = 3,  # ... in strictly more than this many cells
         allow_non_integer: bool = False,  # accept non-integer values (treated as counts: scaled and log2-transformed)
     ):
-        if init not in AUTOIMPUTE_INITS:
-            raise ValueError(f"init={init!r} is unknown; use one of {AUTOIMPUTE_INITS}.")
+        check_choice(init, AUTOIMPUTE_INITS, "init")
         if int(n_hidden) < 1 or lambda_reg < 0:
             raise ValueError(f"n_hidden={n_hidden} must be >= 1 and lambda_reg={lambda_reg} >= 0.")
-        self._selection = None  # set from the training data (or from a saved model) in `_build_module`
+        self._selection = None  # from the training data (first `build_module`) or from a saved model (`restore_state`)
         super().__init__(adata, layer, allow_non_integer=allow_non_integer, n_hidden=int(n_hidden),
                          lambda_reg=float(lambda_reg), init=init, n_top_genes=n_top_genes, min_count=min_count,
                          min_cells=min_cells)
 
-    def _build_module(self) -> AutoImputeModule:
+    def build_module(self) -> AutoImputeModule:
+        "The autoencoder on the selected genes (selected on the training data the first time)."
         hp = self.hparams
         if self._selection is None:
-            if _LOADING.get() is not None:  # `load` restores the saved selection next (`_load_extra_state`)
-                n = self.data.n_vars
-                self._selection = dict(selected=list(range(n)), library_genes=list(range(n)), target_library=1.0)
-            else:
-                table, target = _select_genes(self.data.X, hp["min_count"], hp["min_cells"], hp["n_top_genes"])
-                self._selection = dict(selected=np.flatnonzero(table.selected).tolist(),
-                                       library_genes=np.flatnonzero(table.passes_filter).tolist(),
-                                       target_library=target)
+            table, target = _select_genes(self.data.X, hp["min_count"], hp["min_cells"], hp["n_top_genes"])
+            self._selection = dict(selected=np.flatnonzero(table.selected).tolist(),
+                                   library_genes=np.flatnonzero(table.passes_filter).tolist(),
+                                   target_library=target, n_cells=self.data.n_obs)
         s = self._selection
         library_mask = np.zeros(self.data.n_vars, dtype=np.float32)
         library_mask[s["library_genes"]] = 1.0
         return AutoImputeModule(s["selected"], library_mask, s["target_library"], n_hidden=hp["n_hidden"],
-                                lambda_reg=hp["lambda_reg"], init=hp["init"], n_cells=self.data.n_obs)
+                                lambda_reg=hp["lambda_reg"], init=hp["init"], n_cells=s["n_cells"])
 
-    def _extra_state(self) -> dict:
+    def state_to_save(self) -> dict:
+        "The gene selection (selected genes, library genes, median library, training cells N), saved with the model."
         return dict(self._selection)
 
-    def _load_extra_state(self, extra: dict):
-        self._selection = dict(selected=list(extra["selected"]), library_genes=list(extra["library_genes"]),
-                               target_library=float(extra["target_library"]))
-        self.module = self._build_module()
+    def restore_state(self, state: dict):
+        "Take back the saved gene selection (called by `load` before `build_module`)."
+        self._selection = dict(selected=list(state["selected"]), library_genes=list(state["library_genes"]),
+                               target_library=float(state["target_library"]),
+                               n_cells=int(state.get("n_cells", self.data.n_obs)))
 
     @property
     def selected_genes(self) -> pd.Index:
-        "The genes the autoencoder imputes (chosen on the training data), in the AnnData's order."
+        "The genes the autoencoder imputes (chosen on the training data), in the model's gene order."
         return self.var_names[self._selection["selected"]]
 
     @property
@@ -250,59 +237,59 @@ class AutoImpute(BaseModel):
         "The median library size of the training cells; every cell is scaled to it."
         return float(self._selection["target_library"])
 
-    def get_library(
-        self,
-        adata: AnnData | None = None,  # cells with the model's genes; None: the training data
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells,)
-        "Each cell's library size over `library_genes` (the denominator of the paper's scaling)."
-        m = self.module
-        return self._forward_batches(lambda b: m.library(b["x"])[:, 0], adata, batch_size=batch_size)
+# %% ../../nbs/13_models.autoimpute.ipynb #c61b9483
+@patch
+def get_library(
+    self: AutoImpute,
+    adata: AnnData | None = None,  # cells with the model's genes; None: the training data
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells,)
+    "Each cell's library size over `library_genes` (the denominator of the paper's scaling)."
+    return self.run_module(lambda m, b: m.library(b["x"])[:, 0], adata, batch_size=batch_size)
 
-    def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,  # cells with the model's genes; None: the training data
-        *,
-        scale: str = "counts",  # "counts": each cell's own count scale; "normalized": scaled to the median library; "log2": log2(normalized + 1), the paper's output space
-        genes: str = "all",  # "all": every gene of the AnnData (genes not selected are passed through); "selected": only `selected_genes`
-        keep_observed: bool = False,  # keep the observed non-zero values and impute only the zeros (the paper replaces every entry)
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, genes) float32
-        "The imputed matrix X̂ on the chosen scale; for genes='all' the non-selected genes keep their observed values."
-        self._check_trained()
-        if scale not in ("counts", "normalized", "log2"):
-            raise ValueError(f"scale={scale!r} is unknown; use 'counts', 'normalized' or 'log2'.")
-        if genes not in ("all", "selected"):
-            raise ValueError(f"genes={genes!r} is unknown; use 'all' or 'selected'.")
-        m = self.module
+@patch
+def get_normalized_expression(
+    self: AutoImpute,
+    adata: AnnData | None = None,  # cells with the model's genes; None: the training data
+    *,
+    scale: str = "counts",  # "counts": each cell's own count scale; "normalized": scaled to the median library; "log2": log2(normalized + 1), the paper's output space
+    genes: str = "all",  # "all": every gene of the AnnData (genes not selected are passed through); "selected": only `selected_genes`
+    keep_observed: bool = False,  # keep the observed non-zero values and impute only the zeros (the paper replaces every entry)
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, genes) float32
+    "The imputed matrix X̂ on the chosen scale; for genes='all' the non-selected genes keep their observed values."
+    check_choice(scale, ("counts", "normalized", "log2"), "scale")
+    check_choice(genes, ("all", "selected"), "genes")
 
-        def on_scale(log2_values, library):  # from the paper's log2 space to the requested scale
-            if scale == "log2": return log2_values
-            normalized = torch.exp2(log2_values).sub(1.0).clamp_min(0.0)  # the decoder is linear: no negative counts
-            return normalized if scale == "normalized" else normalized * library / m.target_library
+    def on_scale(m, log2_values, library):  # from the paper's log2 space to the requested scale
+        if scale == "log2": return log2_values
+        normalized = torch.exp2(log2_values).sub(1.0).clamp_min(0.0)  # the decoder is linear: no negative counts
+        return normalized if scale == "normalized" else normalized * library / m.target_library
 
-        def impute(batch):
-            counts = batch["x"]
-            library = m.library(counts)
-            x = m.log_normalize(counts[:, m.gene_index], library)
-            x_hat = m(x)
-            if keep_observed:
-                x_hat = torch.where(x != 0, x, x_hat)
-            x_hat = on_scale(x_hat, library)
-            if genes == "selected":
-                return x_hat
-            passed = {"counts": counts, "normalized": counts * m.cell_scale(library),
-                      "log2": m.log_normalize(counts, library)}[scale]  # the other genes, as observed
-            return passed.index_copy(1, m.gene_index, x_hat)
+    def impute(m, batch):
+        counts = batch["x"]
+        library = m.library(counts)
+        x = m.log_normalize(counts[:, m.gene_index], library)
+        x_hat = m(x)
+        if keep_observed:
+            x_hat = torch.where(x != 0, x, x_hat)
+        x_hat = on_scale(m, x_hat, library)
+        if genes == "selected":
+            return x_hat
+        passed = {"counts": counts, "normalized": counts * m.cell_scale(library),
+                  "log2": m.log_normalize(counts, library)}[scale]  # the other genes, as observed
+        return passed.index_copy(1, m.gene_index, x_hat)
 
-        return self._forward_batches(impute, adata, batch_size=batch_size)
+    return self.run_module(impute, adata, batch_size=batch_size, per_gene=genes == "all")
 
-    def get_latent_representation(
-        self,
-        adata: AnnData | None = None,  # cells with the model's genes; None: the training data
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, n_hidden), values in (0, 1)
-        "The hidden representation h = sigmoid(X W_e + b_e) of each cell."
-        self._check_trained()
-        m = self.module
-        return self._forward_batches(lambda b: m.encode(m.inputs(b["x"])), adata, batch_size=batch_size)
+@patch
+def get_latent_representation(
+    self: AutoImpute,
+    adata: AnnData | None = None,  # cells with the model's genes; None: the training data
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, n_hidden), values in (0, 1)
+    "The hidden representation h = sigmoid(X W_e + b_e) of each cell."
+    return self.run_module(lambda m, b: m.encode(m.inputs(b["x"])), adata, batch_size=batch_size)
+
+# %% ../../nbs/13_models.autoimpute.ipynb #8e113e03
+register_model("autoimpute", capabilities=("denoise", "embed"))(AutoImpute);

@@ -5,59 +5,46 @@
 # %% ../../nbs/10_models.dca.ipynb #be72dc03
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from anndata import AnnData
+from fastcore.basics import patch
 from torch import nn
 
 from ..base import BaseModel, register_model
-from ..data import size_factors as compute_size_factors
+from ..data import column_mean_var
 from ..distributions import log_nb, log_poisson, log_zinb_prob
-from ..nn import FCLayers
-from ..train import LossOutput
+from ..nn import FCLayers, clamped_exp, clamped_softplus, keras_init_
+from ..train import BaseModule, LossOutput
+from ..utils import check_choice
 
 # %% auto #0
-__all__ = ['DCA_LOSSES', 'DCAModule', 'DCA', 'knn_smooth']
+__all__ = ['DCA_LOSSES', 'DCAModule', 'DCA']
 
 # %% ../../nbs/10_models.dca.ipynb #f140a522
 DCA_LOSSES = ("zinb-conddisp", "zinb", "nb-conddisp", "nb", "poisson", "normal")  # the `loss=` choices
 
 # %% ../../nbs/10_models.dca.ipynb #864740fa
-_LOG_MIN_MEAN, _LOG_MAX_MEAN = math.log(1e-5), math.log(1e6)  # M = clip(exp(.), 1e-5, 1e6)
 _LIKELIHOOD_EPS = 1e-10  # epsilon inside the logs of the reference's NB / ZINB / Poisson losses
-
-def _mean_activation(h: torch.Tensor) -> torch.Tensor:
-    "DCA's MeanAct, clip(exp(h), 1e-5, 1e6), computed without overflowing."
-    return torch.exp(h.clamp(_LOG_MIN_MEAN, _LOG_MAX_MEAN))
-
-def _dispersion_activation(h: torch.Tensor) -> torch.Tensor:
-    "DCA's DispAct: clip(softplus(h), 1e-4, 1e4)."
-    return F.softplus(h).clamp(1e-4, 1e4)
 
 def _log_normalized_stats(X, size_factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "Per-gene mean and unbiased std of log1p(X / size_factors) (a std of 0 becomes 1, as in `sc.pp.scale`)."
-    n = X.shape[0]
     inv = (1.0 / np.asarray(size_factors, dtype=np.float64))[:, None]
     if sp.issparse(X):
         Y = sp.csr_matrix(X, dtype=np.float64).multiply(inv).tocsr()
         Y.data = np.log1p(Y.data)
-        mean = np.asarray(Y.mean(0)).ravel()
-        sq = np.asarray(Y.multiply(Y).mean(0)).ravel()
     else:
         Y = np.log1p(np.asarray(X, dtype=np.float64) * inv)
-        mean, sq = Y.mean(0), (Y ** 2).mean(0)
-    var = np.maximum(sq - mean ** 2, 0) * (n / max(n - 1, 1))
+    mean, var = column_mean_var(Y, ddof=1)
     std = np.sqrt(var)
     std[std == 0] = 1.0
     return mean.astype(np.float32), std.astype(np.float32)
 
 # %% ../../nbs/10_models.dca.ipynb #b97b710c
-class DCAModule(nn.Module):
+class DCAModule(BaseModule):
     "DCA's autoencoder: z-scored log-normalised counts → hidden layers → mean, dispersion and dropout of each count."
     def __init__(
         self,
@@ -72,7 +59,7 @@ class DCAModule(nn.Module):
         ridge_lambda: float = 0.0,  # weight of the ridge penalty on the dropout probabilities (ZINB losses)
     ):
         super().__init__()
-        self.loss_type, self.ridge_lambda = loss, float(ridge_lambda)
+        self.loss_type, self.ridge_lambda = check_choice(loss, DCA_LOSSES, "loss"), float(ridge_lambda)
         self.register_buffer("gene_mean", torch.as_tensor(np.asarray(gene_mean), dtype=torch.float32).reshape(1, -1))
         self.register_buffer("gene_std", torch.as_tensor(np.asarray(gene_std), dtype=torch.float32).reshape(1, -1))
         self.center = len(hidden_sizes) // 2  # the reference's 'center' layer: floor(n_layers / 2)
@@ -84,10 +71,7 @@ class DCAModule(nn.Module):
         # gene-wise dispersion theta = clip(exp(w), 1e-3, 1e4), w starts at 0 (theta = 1)
         self.gene_log_dispersion = nn.Parameter(torch.zeros(1, n_genes)) if loss in ("zinb", "nb") else None
         self.dropout_head = nn.Linear(n_last, n_genes) if loss.startswith("zinb") else None
-        for m in self.modules():  # Keras Dense defaults: glorot_uniform weights, zero biases
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None: nn.init.zeros_(m.bias)
+        keras_init_(self)  # Keras Dense defaults: glorot_uniform weights, zero biases
 
     @property
     def has_dispersion(self) -> bool: return self.loss_type not in ("poisson", "normal")
@@ -100,19 +84,19 @@ class DCAModule(nn.Module):
         h = (torch.log1p(x / s) - self.gene_mean) / self.gene_std
         last, pre = self.hidden(h, return_pre=True)
         out = dict(latent=pre[self.center])
-        out["mean"] = _mean_activation(self.mean_head(last))
+        out["mean"] = clamped_exp(self.mean_head(last))  # MeanAct: clip(exp(.), 1e-5, 1e6)
         out["mu"] = s * out["mean"]
         if self.dispersion_head is not None:
-            out["theta"] = _dispersion_activation(self.dispersion_head(last))
+            out["theta"] = clamped_softplus(self.dispersion_head(last))  # DispAct: clip(softplus(.), 1e-4, 1e4)
         elif self.gene_log_dispersion is not None:
             out["theta"] = torch.exp(self.gene_log_dispersion).clamp(1e-3, 1e4).expand_as(out["mean"])
         if self.dropout_head is not None:
             out["pi"] = torch.sigmoid(self.dropout_head(last))
         return out
 
-    def loss(self, batch: dict, kl_weight: float = 1.0) -> LossOutput:
-        "Negative log-likelihood of the raw counts (plus ridge on pi), mean over all cells and genes."
-        out, x = self.forward(batch), batch["x"]
+    def loss(self, batch: dict, *, kl_weight: float = 1.0) -> LossOutput:
+        "Negative log-likelihood of the raw counts (plus ridge on pi), mean over all cells and genes; terms per cell."
+        out, x = self(batch), batch["x"]
         mu = out["mu"]
         if self.loss_type.startswith("zinb"):
             per_entry = -log_zinb_prob(x, mu, out["theta"], out["pi"], eps=_LIKELIHOOD_EPS)
@@ -122,38 +106,37 @@ class DCAModule(nn.Module):
             per_entry = -log_poisson(x, mu, eps=_LIKELIHOOD_EPS)
         else:  # "normal": squared error of the count-scale mean, as the reference's plain autoencoder
             per_entry = (mu - x) ** 2
-        nll = per_entry.mean()
-        terms = {"nll": nll}
-        total = nll
+        total = per_entry.mean()
+        terms = {"reconstruction": per_entry.mean(-1)}
         if self.has_dropout and self.ridge_lambda > 0:
-            ridge = self.ridge_lambda * out["pi"].pow(2).mean()
+            ridge = self.ridge_lambda * out["pi"].pow(2).mean(-1)
             terms["ridge"] = ridge
-            total = total + ridge
-        return LossOutput(total, terms, x.shape[0])
+            total = total + ridge.mean()
+        return LossOutput(total, terms)
 
 # %% ../../nbs/10_models.dca.ipynb #20df2b95
-@register_model("dca", capabilities=("embed", "denoise"))
 class DCA(BaseModel):
     "Deep count autoencoder (Eraslan et al. 2019): denoises counts with a (zero-inflated) negative-binomial autoencoder."
     default_train_kwargs = dict(
-        max_epochs=300, batch_size=32, validation_fraction=0.1, early_stopping=True, patience=15,
-        optimizer="rmsprop", lr=1e-3, grad_clip_value=5.0, scheduler="plateau",
-        scheduler_kwargs=dict(factor=0.1, patience=10, threshold=1e-4, threshold_mode="abs"))
+        max_epochs=300, batch_size=32, validation_fraction=0.1, early_stopping=True, patience=15, min_delta=0.0,
+        optimizer="rmsprop", lr=1e-3, grad_clip_value=5.0, scheduler="keras_plateau",
+        scheduler_kwargs=dict(factor=0.1, patience=10, min_delta=1e-4))
 
     def __init__(
         self,
-        adata: AnnData,  # cells x genes; raw counts in `layer`, `layers["counts"]` or `X`; no all-zero genes
+        adata: AnnData,  # cells x genes; raw counts in `layer`, `layers["counts"]` or `X`
         layer: str | None = None,  # layer with the raw counts
         *,
-        loss: str = "zinb-conddisp",  # "zinb-conddisp", "zinb", "nb-conddisp", "nb", "poisson" or "normal"
+        loss: str = "zinb-conddisp",  # "zinb-conddisp" (the paper's), "zinb", "nb-conddisp" (the reference package's default since 2021), "nb", "poisson" or "normal"
         hidden_sizes: Sequence[int] = (64, 32, 64),  # hidden widths; the middle layer is the latent space
         dropout_rate: float = 0.0,  # dropout after each hidden layer
         batch_norm: bool = True,  # batch-norm (shift only, no scale) after each hidden Dense layer
         ridge_lambda: float = 0.0,  # ridge penalty lambda * pi^2 on the dropout probabilities (ZINB losses)
+        zero_genes: str = "warn",  # genes never detected in the training data: "warn" (kept, one warning) or "error" (refused, as the reference does)
         allow_non_integer: bool = False,  # accept non-integer counts (ambient-corrected / expected counts)
     ):
-        if loss not in DCA_LOSSES:
-            raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(map(repr, DCA_LOSSES))}.")
+        check_choice(loss, DCA_LOSSES, "loss")
+        check_choice(zero_genes, ("warn", "error"), "zero_genes")
         hidden_sizes = [int(h) for h in hidden_sizes]
         if not hidden_sizes or min(hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes={hidden_sizes} must list at least one positive layer width.")
@@ -164,82 +147,64 @@ class DCA(BaseModel):
         if ridge_lambda > 0 and not loss.startswith("zinb"):
             raise ValueError(f"ridge_lambda penalises the dropout probabilities, which loss={loss!r} does not have; "
                              f"use loss='zinb-conddisp' or 'zinb', or ridge_lambda=0.")
-        # squared error needs no integer counts: switch the integer check off for this instance only (read by
-        # BaseModel.__init__ when it validates the counts, and saved with the model through `loss`)
-        self.require_integer = loss != "normal"
+        # read by BaseModel.__init__ when it validates the counts (per instance: they depend on the arguments)
+        self.require_integer = loss != "normal"  # squared error needs no integer counts
+        self.zero_genes = zero_genes
         super().__init__(adata, layer, allow_non_integer=allow_non_integer, loss=loss, hidden_sizes=hidden_sizes,
                          dropout_rate=float(dropout_rate), batch_norm=bool(batch_norm),
-                         ridge_lambda=float(ridge_lambda))
+                         ridge_lambda=float(ridge_lambda), zero_genes=zero_genes)
 
-    def _build_module(self) -> DCAModule:
+    def build_module(self) -> DCAModule:
         "The autoencoder, with the input statistics of this model's data."
         gene_mean, gene_std = _log_normalized_stats(self.data.X, self.data.size_factors)
-        return DCAModule(self.data.n_vars, gene_mean, gene_std, **self.hparams)
+        hp = self.hparams
+        return DCAModule(self.data.n_vars, gene_mean, gene_std, loss=hp["loss"], hidden_sizes=hp["hidden_sizes"],
+                         dropout_rate=hp["dropout_rate"], batch_norm=hp["batch_norm"],
+                         ridge_lambda=hp["ridge_lambda"])
 
-    def _module_output(self, key: str, adata: AnnData | None, batch_size: int) -> np.ndarray:
-        "One output of `DCAModule.forward` for every cell, as a numpy array."
-        self._check_trained()
-        return self._forward_batches(lambda b: self.module(b)[key], adata, batch_size=batch_size)
+# %% ../../nbs/10_models.dca.ipynb #2e1773ce
+@patch
+def get_latent_representation(
+    self: DCA,
+    adata: AnnData | None = None,  # cells to embed (the model's genes, any order); None: the training data
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, 32): the centre layer before batch-norm / ReLU
+    "The latent representation of each cell (DCA's centre layer)."
+    return self.run_module(lambda m, b: m(b)["latent"], adata, batch_size=batch_size)
 
-    def get_latent_representation(
-        self,
-        adata: AnnData | None = None,  # cells to embed (same genes as training); None: the training data
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, 32): the centre layer before batch-norm / ReLU
-        "The latent representation of each cell (DCA's centre layer)."
-        return self._module_output("latent", adata, batch_size)
+@patch
+def get_normalized_expression(
+    self: DCA,
+    adata: AnnData | None = None,  # cells to denoise (the model's genes, any order); None: the training data
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, genes) denoised expected counts mu = s_i * M_ij
+    "Denoised expression: the mean of the count model on each cell's own count scale."
+    return self.run_module(lambda m, b: m(b)["mu"], adata, batch_size=batch_size, per_gene=True)
 
-    def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,  # cells to denoise (same genes as training); None: the training data
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, genes) denoised expected counts mu = s_i * M_ij
-        "Denoised expression: the mean of the count model on each cell's own count scale."
-        return self._module_output("mu", adata, batch_size)
+# %% ../../nbs/10_models.dca.ipynb #66c698e4
+@patch
+def get_dropout_probabilities(
+    self: DCA,
+    adata: AnnData | None = None,  # cells (the model's genes, any order); None: the training data
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, genes) pi
+    "The zero-inflation (dropout) probability pi of each count (ZINB losses only)."
+    if not self.module.has_dropout:
+        raise ValueError(f"loss={self.hparams['loss']!r} has no dropout probabilities; train with "
+                         f"loss='zinb-conddisp' or loss='zinb' to get them.")
+    return self.run_module(lambda m, b: m(b)["pi"], adata, batch_size=batch_size, per_gene=True)
 
-    def get_dropout_probabilities(
-        self,
-        adata: AnnData | None = None,  # cells (same genes as training); None: the training data
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, genes) pi
-        "The zero-inflation (dropout) probability pi of each count (ZINB losses only)."
-        if not self.module.has_dropout:
-            raise ValueError(f"loss={self.hparams['loss']!r} has no dropout probabilities; train with "
-                             f"loss='zinb-conddisp' or loss='zinb' to get them.")
-        return self._module_output("pi", adata, batch_size)
+@patch
+def get_dispersions(
+    self: DCA,
+    adata: AnnData | None = None,  # cells (the model's genes, any order); None: the training data
+    batch_size: int = 1024,  # cells per forward pass
+) -> np.ndarray:  # (cells, genes) theta; with a gene-wise loss every row is the same
+    "The NB dispersion theta of each count (Var = mu + mu^2 / theta; NB and ZINB losses only)."
+    if not self.module.has_dispersion:
+        raise ValueError(f"loss={self.hparams['loss']!r} has no dispersion; use one of 'zinb-conddisp', "
+                         f"'zinb', 'nb-conddisp', 'nb'.")
+    return self.run_module(lambda m, b: m(b)["theta"], adata, batch_size=batch_size, per_gene=True)
 
-    def get_dispersions(
-        self,
-        adata: AnnData | None = None,  # cells (same genes as training); None: the training data
-        batch_size: int = 1024,  # cells per forward pass
-    ) -> np.ndarray:  # (cells, genes) theta; with a gene-wise loss every row is the same
-        "The NB dispersion theta of each count (Var = mu + mu^2 / theta; NB and ZINB losses only)."
-        if not self.module.has_dispersion:
-            raise ValueError(f"loss={self.hparams['loss']!r} has no dispersion; use one of 'zinb-conddisp', "
-                             f"'zinb', 'nb-conddisp', 'nb'.")
-        return self._module_output("theta", adata, batch_size)
-
-# %% ../../nbs/10_models.dca.ipynb #1be1d5bc
-def knn_smooth(
-    counts,  # raw counts, cells x genes (dense or sparse)
-    n_neighbors: int = 15,  # cells averaged per cell (the cell itself included)
-    n_pcs: int = 30,  # principal components of log1p(counts / s) used to find neighbours
-    seed: int = 0,  # seed of the PCA solver
-) -> np.ndarray:  # (cells, genes) smoothed expected counts on each cell's count scale
-    "Classical denoising baseline: average library-normalised profiles over each cell's k nearest neighbours in PCA space."
-    from sklearn.decomposition import PCA
-    from sklearn.neighbors import NearestNeighbors
-    X = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
-    X = X.astype(np.float64)
-    n = X.shape[0]
-    if not 1 <= n_neighbors <= n:
-        raise ValueError(f"n_neighbors={n_neighbors} must be between 1 and the number of cells ({n}).")
-    s = compute_size_factors(X, "median").astype(np.float64)
-    if (s <= 0).any():
-        raise ValueError("Some cells have zero total counts; filter them first (`sc.pp.filter_cells(adata, min_counts=1)`).")
-    normalized = X / s[:, None]
-    logn = np.log1p(normalized)
-    k_pcs = int(min(n_pcs, n - 1, X.shape[1] - 1))
-    emb = PCA(k_pcs, random_state=seed).fit_transform(logn) if k_pcs >= 1 else logn
-    idx = NearestNeighbors(n_neighbors=n_neighbors).fit(emb).kneighbors(emb, return_distance=False)
-    return normalized[idx].mean(1) * s[:, None]
+# %% ../../nbs/10_models.dca.ipynb #f3c4fa2a
+register_model("dca", capabilities=("embed", "denoise"))(DCA);
