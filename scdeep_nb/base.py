@@ -322,6 +322,8 @@ def data_for(self: BaseModel, adata: AnnData | None = None) -> SingleCellData:
     "The training data (None), or `adata` encoded exactly as the training data were (genes matched, same codes)."
     if adata is None or adata is self.adata:
         return self.data
+    if isinstance(adata, SingleCellData):  # already encoded (e.g. by an earlier `data_for`): use it as it is
+        return adata
     s = self.data
     return SingleCellData(adata, s.layer, s.batch_key, s.labels_key, require_integer=s.require_integer,
                           allow_non_integer=not s.require_integer, size_factor_kind=s.size_factor_kind,
@@ -333,7 +335,7 @@ def data_for(self: BaseModel, adata: AnnData | None = None) -> SingleCellData:
 def run_module(
     self: BaseModel,
     fn: Callable,  # fn(module, batch) -> tensor (cells, ...) or dict of such tensors, for one minibatch
-    adata: AnnData | None = None,  # data with the model's genes (any order); None: the training data
+    adata: AnnData | SingleCellData | None = None,  # data with the model's genes (any order), or `data_for(adata)`; None: the training data
     indices: Sequence[int] | None = None,  # rows of the data to use (default all)
     *,
     batch_size: int = 1024,  # cells per forward pass

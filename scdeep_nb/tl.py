@@ -118,9 +118,9 @@ def make_wrapper(info: ModelInfo):
              "    adata: cells x genes with raw counts in `layer`, `layers['counts']` or `X`"]
     lines += [f"    {p.name}={p.default!r}: {docs.get(p.name) or ''}" for p in init]
     lines += ["", "Options:"] + [f"    {k}={d!r}: {text}" for k, (d, text) in TL_OPTIONS.items()]
-    lines += ["", "Writes (with key = key_added or " + repr(name) + "):"]
-    lines += [f"    adata.{slot}[{k!r}]: from `model.{getter}()`" for slot, k, getter in output_keys(cls)]
-    lines += ["    adata.uns['{key}']: {'params': settings (incl. the layer the counts came from), "
+    lines += ["", f"Writes (the {name!r} in each key is `key_added` when given):"]
+    lines += [f"    adata.{slot}[{k!r}]: from `model.{getter}()`" for slot, k, getter in output_keys(cls, name)]
+    lines += [f"    adata.uns[{name!r}]: {{'params': settings (incl. the layer the counts came from), "
               "'history': final losses}", "",
               "Returns: None (copy=False) or a new AnnData (copy=True); with return_model=True, (that, model)."]
     fn.__name__ = fn.__qualname__ = name
