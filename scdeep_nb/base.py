@@ -231,7 +231,9 @@ def split_cells(self: BaseModel, validation_fraction: float, seed: int = 0) -> t
                                min_validation=1 if self.needs_validation else 0)
     except ValueError as e:
         why = " (it uses batch-norm, which needs two cells per minibatch)" if bn else ""
-        raise ValueError(f"{type(self).__name__}{why}: {e}") from None
+        hint = " Or pass batch_norm=False to the model, which trains on a single cell." \
+            if bn and "batch_norm" in self.hparams else ""
+        raise ValueError(f"{type(self).__name__}{why}: {e}{hint}") from None
 
 @patch
 def fit_module(

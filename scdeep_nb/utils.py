@@ -5,9 +5,14 @@
 # %% ../nbs/00a_core.utils.ipynb #d1545a61
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
+
+# tqdm.auto (imported by umap and others) warns "IProgress not found" in notebooks without ipywidgets; this
+# library draws text progress bars, so the warning says nothing to its users
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 # %% auto #0
 __all__ = ['check_choice', 'jsonable']
