@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import warnings
 from typing import Iterator, Sequence
 
@@ -16,8 +18,8 @@ import torch
 from anndata import AnnData
 
 # %% auto #0
-__all__ = ['get_counts', 'validate_counts', 'size_factors', 'column_mean_var', 'encode_categories', 'check_same_genes',
-           'SingleCellData', 'MinibatchLoader']
+__all__ = ['STREAM_ABOVE_GB', 'get_counts', 'validate_counts', 'size_factors', 'column_mean_var', 'encode_categories',
+           'check_same_genes', 'SingleCellData', 'MinibatchLoader', 'DeviceLoader', 'ChunkedLoader']
 
 # %% ../nbs/00_core.data.ipynb #1fad2b28
 def get_counts(
@@ -81,23 +83,32 @@ def validate_counts(
                              f"layer='counts' (log-normalised data is a common mistake), or, if your counts are "
                              f"legitimately non-integer (ambient-corrected, expected counts), pass "
                              f"{override_hint}.")
+    _check_zero_genes(_axis_sums(X, 0), check_zero_genes, stacklevel=4)
+    if check_zero_cells:
+        _check_zero_cells(_axis_sums(X, 1))
+
+def _check_zero_genes(gene_sums, check_zero_genes, stacklevel: int = 3):
+    "Error or warning for genes with no counts in any cell (from per-gene sums)."
     mode = {True: "error", False: "ignore"}.get(check_zero_genes, check_zero_genes)
     if mode not in ("error", "warn", "ignore"):
         raise ValueError(f"check_zero_genes={check_zero_genes!r}; use 'error', 'warn' or 'ignore'.")
-    if mode != "ignore":
-        n_zero = int((_axis_sums(X, 0) == 0).sum())
-        if n_zero and mode == "error":
-            raise ValueError(f"{n_zero} genes have zero counts in every cell. Filter them first, e.g. "
-                             f"`sc.pp.filter_genes(adata, min_cells=1)` (on `adata.copy()` if it is a view).")
-        if n_zero:
-            warnings.warn(f"{n_zero} of {X.shape[1]} genes have zero counts in every cell. They are kept (the model "
-                          f"trains on them and gives near-zero outputs for them); to drop them instead, use "
-                          f"`sc.pp.filter_genes(adata, min_cells=1)`.", UserWarning, stacklevel=3)
-    if check_zero_cells:
-        n_zero = int((_axis_sums(X, 1) == 0).sum())
-        if n_zero:
-            raise ValueError(f"{n_zero} cells have zero total counts. Filter them first, e.g. "
-                             f"`sc.pp.filter_cells(adata, min_counts=1)` (on `adata.copy()` if it is a view).")
+    if mode == "ignore":
+        return
+    n_zero = int((np.asarray(gene_sums) == 0).sum())
+    if n_zero and mode == "error":
+        raise ValueError(f"{n_zero} genes have zero counts in every cell. Filter them first, e.g. "
+                         f"`sc.pp.filter_genes(adata, min_cells=1)` (on `adata.copy()` if it is a view).")
+    if n_zero:
+        warnings.warn(f"{n_zero} of {len(gene_sums)} genes have zero counts in every cell. They are kept (the model "
+                      f"trains on them and gives near-zero outputs for them); to drop them instead, use "
+                      f"`sc.pp.filter_genes(adata, min_cells=1)`.", UserWarning, stacklevel=stacklevel)
+
+def _check_zero_cells(cell_sums):
+    "Error for cells with no counts (from per-cell sums)."
+    n_zero = int((np.asarray(cell_sums) == 0).sum())
+    if n_zero:
+        raise ValueError(f"{n_zero} cells have zero total counts. Filter them first, e.g. "
+                         f"`sc.pp.filter_cells(adata, min_counts=1)` (on `adata.copy()` if it is a view).")
 
 # %% ../nbs/00_core.data.ipynb #6f9fb32c
 def size_factors(
@@ -105,7 +116,10 @@ def size_factors(
     kind: str = "median",  # "median": library / median library; "per10k": library / 1e4; "library": library
 ) -> np.ndarray:
     "Per-cell size factors from library sizes."
-    library = _axis_sums(X, 1).astype(np.float64)
+    return _size_factors_from_library(_axis_sums(X, 1), kind)
+
+def _size_factors_from_library(library: np.ndarray, kind: str) -> np.ndarray:
+    library = np.asarray(library, dtype=np.float64)
     if kind == "median":
         return (library / np.median(library)).astype(np.float32)
     if kind == "per10k":
@@ -185,13 +199,14 @@ def check_same_genes(
     raise ValueError(msg)
 
 # %% ../nbs/00_core.data.ipynb #f12770fb
+STREAM_ABOVE_GB = 2.0  # a backed AnnData whose counts would take more memory than this (GB) is streamed from disk
+
+# %% ../nbs/00_core.data.ipynb #717263eb
 def _to_model_matrix(X, source: str):
     "A private float32 copy of X: CSR if sparse, ndarray if dense; reads backed datasets in chunks."
     if hasattr(X, "to_memory") and not sp.issparse(X):  # anndata backed sparse dataset
         X = X.to_memory()
-    elif not sp.issparse(X) and not isinstance(X, np.ndarray) and hasattr(X, "shape") and hasattr(X, "__getitem__") \
-            and not isinstance(X, (np.matrix, torch.Tensor)):
-        # h5py dataset of a backed dense AnnData: read in row chunks
+    elif _is_h5_dense(X):  # h5py dataset of a backed dense AnnData: read in row chunks
         n = X.shape[0]; step = max(1, 2**26 // max(1, X.shape[1]))
         X = np.concatenate([np.asarray(X[i:i + step]) for i in range(0, n, step)], axis=0)
     if sp.issparse(X):
@@ -203,9 +218,65 @@ def _to_model_matrix(X, source: str):
         X = X.detach().cpu().numpy()
     return np.array(X, dtype=np.float32, copy=True)
 
-# %% ../nbs/00_core.data.ipynb #717263eb
+def _is_h5_dense(X) -> bool:
+    "An on-disk dense array (h5py dataset) rather than an in-memory matrix."
+    return (not sp.issparse(X) and not isinstance(X, (np.ndarray, np.matrix, torch.Tensor))
+            and hasattr(X, "shape") and hasattr(X, "__getitem__") and not hasattr(X, "to_memory"))
+
+def _is_on_disk(X) -> bool:
+    "An anndata backed sparse dataset or an h5py dense dataset."
+    return (hasattr(X, "to_memory") and not sp.issparse(X)) or _is_h5_dense(X)
+
+class _DiskRows:
+    "Row blocks of an on-disk count matrix (anndata's backed CSR, or a dense h5py dataset) as in-memory float32."
+    def __init__(self, X, source: str):
+        self.shape = tuple(int(n) for n in X.shape)
+        self.sparse = hasattr(X, "to_memory")
+        if self.sparse:
+            if getattr(X, "format", "csr") != "csr":
+                raise ValueError(f"{source} is stored as {X.format.upper()} on disk; streaming reads cells (rows), "
+                                 f"which needs CSR. Rewrite the file with CSR counts (`adata.X = adata.X.tocsr()`), "
+                                 f"or pass stream=False to load it into memory.")
+            group = X.group  # the h5py group behind anndata's backed sparse dataset
+            self._data, self._indices = group["data"], group["indices"]
+            self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)  # 8 bytes per cell, kept in memory
+            self.nnz = int(self.indptr[-1])
+        else:
+            self._dense, self.nnz = X, self.shape[0] * self.shape[1]
+
+    def rows(self, lo: int, hi: int):
+        "Rows lo..hi-1 (CSR if sparse, else ndarray), float32; two contiguous reads."
+        if not self.sparse:
+            return np.asarray(self._dense[lo:hi], dtype=np.float32)
+        a, b = self.indptr[lo], self.indptr[hi]
+        return sp.csr_matrix((np.asarray(self._data[a:b], dtype=np.float32), np.asarray(self._indices[a:b]),
+                              self.indptr[lo:hi + 1] - a), shape=(hi - lo, self.shape[1]))
+
+    def take(self, idx: np.ndarray):
+        "Rows `idx` in the given order: the runs of neighbouring rows are read as contiguous spans."
+        idx = np.asarray(idx, dtype=np.int64)
+        if not len(idx):
+            return self.rows(0, 0)
+        order = np.argsort(idx, kind="stable")
+        s = idx[order]
+        cut = np.flatnonzero(np.diff(s) > 64) + 1  # gaps of up to 64 rows are read through
+        parts = [self.rows(int(r[0]), int(r[-1]) + 1)[r - r[0]] for r in np.split(s, cut)]
+        block = sp.vstack(parts, format="csr") if self.sparse else np.concatenate(parts)
+        return block[np.argsort(order)]
+
+    def blocks(self, rows_per_block: int):
+        "Consecutive (lo, hi, block) over all rows."
+        for lo in range(0, self.shape[0], rows_per_block):
+            hi = min(self.shape[0], lo + rows_per_block)
+            yield lo, hi, self.rows(lo, hi)
+
+def _block_rows(n_vars: int, nnz_per_row: float, target_values: int = 2**24) -> int:
+    "Rows per block so that a block holds about `target_values` stored values (~128 MB as CSR)."
+    return int(max(256, min(2**20, target_values // max(1.0, nnz_per_row))))
+
+# %% ../nbs/00_core.data.ipynb #8a53ece8
 class SingleCellData:
-    "A validated, model-ready copy of an AnnData's counts, covariates and size factors."
+    "A validated, model-ready copy of an AnnData's counts, covariates and size factors (or a streamed view of a backed one)."
     def __init__(
         self,
         adata: AnnData,  # the user's data (never modified)
@@ -222,6 +293,7 @@ class SingleCellData:
         check_zero_cells: bool = True,  # refuse all-zero cells
         var_names: Sequence | None = None,  # a trained model's genes: match (and reorder) the data's genes to them
         gene_fix: str = "model.var_names",  # runnable expression for the model's genes, used in error messages
+        stream: bool | None = None,  # backed AnnData: read from disk per minibatch (None: if larger than STREAM_ABOVE_GB)
     ):
         raw, self.source = get_counts(adata, layer)
         order = None if var_names is None else check_same_genes(var_names, adata.var_names, fix=gene_fix)
@@ -237,20 +309,47 @@ class SingleCellData:
             self.labels, self.label_categories = encode_categories(adata, labels_key, label_categories, "labels_key")
         else:
             self.labels, self.label_categories = None, list(label_categories) if label_categories else ["0"]
-        self.X = _to_model_matrix(raw, self.source)
         # `gene_order`: data column of each model gene; `user_order`: model column of each data gene (outputs back)
         self.gene_order, self.user_order = order, None if order is None else np.argsort(order)
-        if order is not None:
-            self.X = self.X[:, order]
-        validate_counts(self.X, require_integer=self.require_integer, check_zero_genes=check_zero_genes,
-                        check_zero_cells=check_zero_cells, name=f"counts ({self.source})")
+        if stream is None:
+            stream = _is_on_disk(raw) and _DiskRows(raw, self.source).nnz * 8 / 2**30 > STREAM_ABOVE_GB
+        if stream and not _is_on_disk(raw):
+            raise ValueError(f"stream=True needs counts on disk: a backed AnnData (`anndata.read_h5ad(path, "
+                             f"backed='r')`) with the counts in X (its layers are read into memory); these counts "
+                             f"({self.source}) are in memory already.")
+        self.streamed = bool(stream)
+        name = f"counts ({self.source})"
+        if self.streamed:  # one pass over the file: checks, library sizes, genes' detection counts
+            self.X = _DiskRows(raw, self.source)
+            n_obs, n_vars = self.X.shape
+            library, gene_sums, gene_nnz = np.zeros(n_obs), np.zeros(n_vars), np.zeros(n_vars, dtype=np.int64)
+            for lo, hi, block in self.X.blocks(_block_rows(n_vars, self.X.nnz / max(1, n_obs))):
+                validate_counts(block, require_integer=self.require_integer, check_zero_genes="ignore",
+                                check_zero_cells=False, name=name)
+                library[lo:hi] = _axis_sums(block, 1)
+                gene_sums += _axis_sums(block, 0)
+                gene_nnz += block.getnnz(0) if sp.issparse(block) else (block > 0).sum(0)
+            if order is not None:
+                gene_sums, gene_nnz = gene_sums[order], gene_nnz[order]
+            _check_zero_genes(gene_sums, check_zero_genes, stacklevel=3)
+            if check_zero_cells:
+                _check_zero_cells(library)
+            self.library, self.gene_nnz = library.astype(np.float32), gene_nnz
+        else:
+            self.X = _to_model_matrix(raw, self.source)
+            if order is not None:
+                self.X = self.X[:, order]
+            validate_counts(self.X, require_integer=self.require_integer, check_zero_genes=check_zero_genes,
+                            check_zero_cells=check_zero_cells, name=name)
+            self.library = _axis_sums(self.X, 1).astype(np.float32)
+            self.gene_nnz = (self.X.getnnz(0) if sp.issparse(self.X) else (self.X > 0).sum(0)).astype(np.int64)
         self.var_names = pd.Index(adata.var_names.astype(str)) if order is None else pd.Index(var_names).astype(str)
         self.batch_counts = np.bincount(self.batch, minlength=len(self.batch_categories)) if self.batch is not None \
             else np.array([self.X.shape[0]])
         self.obs_names = pd.Index(adata.obs_names.astype(str))
-        self.library = _axis_sums(self.X, 1).astype(np.float32)
-        self.size_factors = size_factors(self.X, size_factor_kind) if check_zero_cells or self.library.min() > 0 \
-            else np.maximum(size_factors(self.X, size_factor_kind), 1e-8)
+        sf = _size_factors_from_library(self.library, size_factor_kind)
+        self.size_factors = sf if check_zero_cells or self.library.min() > 0 else np.maximum(sf, 1e-8)
+        self._device_copies = {}  # device -> tensors of the device-resident source
 
     @property
     def n_obs(self): return self.X.shape[0]
@@ -261,10 +360,10 @@ class SingleCellData:
     @property
     def n_labels(self): return len(self.label_categories)
     @property
-    def is_sparse(self): return sp.issparse(self.X)
+    def is_sparse(self): return self.X.sparse if self.streamed else sp.issparse(self.X)
 
     def __repr__(self):
-        kind = "sparse CSR" if self.is_sparse else "dense"
+        kind = ("streamed from disk, " if self.streamed else "") + ("sparse CSR" if self.is_sparse else "dense")
         return (f"SingleCellData({self.n_obs} cells x {self.n_vars} genes, {kind}, counts from {self.source}, "
                 f"batches={self.n_batches}, labels={self.n_labels})")
 
@@ -308,17 +407,53 @@ class SingleCellData:
                              + (" (and give the model more cells)" if n < min_train else "") + ".")
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
+    def _model_genes(self, block):
+        "A dense float32 block in the model's gene order."
+        dense = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=np.float32)
+        return dense[:, self.gene_order] if self.streamed and self.gene_order is not None else dense
+
     def dense_rows(self, idx) -> np.ndarray:
         "Dense float32 counts of the rows `idx` (one sparse slice, densified per minibatch only)."
-        rows = self.X[idx]
-        return rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+        idx = np.asarray(idx)
+        return self._model_genes(self.X.take(idx) if self.streamed else self.X[idx])
 
-    def get_batch(self, idx, device="cpu") -> dict:
-        "The minibatch dict for rows `idx`: x, size_factors, library, batch, labels, index."
+    def iter_chunks(self, indices=None, rows_per_chunk: int | None = None) -> Iterator[tuple]:
+        "(rows, counts) blocks over `indices` (all cells by default) in order: CSR or dense, model gene order; bounded memory."
+        idx = np.arange(self.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        step = rows_per_chunk or _block_rows(self.n_vars, (self.X.nnz if self.is_sparse else self.n_obs * self.n_vars)
+                                             / max(1, self.n_obs))
+        for s in range(0, len(idx), step):
+            rows = idx[s:s + step]
+            block = self.X.take(rows) if self.streamed else self.X[rows]
+            if self.streamed and self.gene_order is not None:
+                block = block[:, self.gene_order]
+            yield rows, block
+
+    def column_mean_var(
+        self,
+        transform=None,  # fn(rows, block) -> transformed block (e.g. log1p of normalised counts); None: the counts
+        ddof: int = 1,  # delta degrees of freedom of the variance
+        indices=None,  # rows to use (all by default)
+    ) -> tuple[np.ndarray, np.ndarray]:  # (mean, variance) per gene, float64, model gene order
+        "Per-gene mean and variance of the (transformed) counts in row blocks: bounded memory for streamed data."
+        n, total, total_sq = 0, np.zeros(self.n_vars), np.zeros(self.n_vars)
+        for rows, block in self.iter_chunks(indices):
+            block = sp.csr_matrix(block, dtype=np.float64) if sp.issparse(block) else np.asarray(block, np.float64)
+            if transform is not None:
+                block = transform(rows, block)
+            total += _axis_sums(block, 0)
+            total_sq += _axis_sums(block.multiply(block) if sp.issparse(block) else block * block, 0)
+            n += block.shape[0]
+        mean = total / max(n, 1)
+        return mean, np.maximum(total_sq / max(n, 1) - mean ** 2, 0.0) * n / max(n - ddof, 1)
+
+    def get_batch(self, idx, device="cpu", x: np.ndarray | torch.Tensor | None = None) -> dict:
+        "The minibatch dict for rows `idx`: x, size_factors, library, batch, labels, index (`x`: already read counts)."
         idx = np.asarray(idx)
         zeros = np.zeros(len(idx), dtype=np.int64)
+        x = self.dense_rows(idx) if x is None else x
         out = dict(
-            x=torch.from_numpy(self.dense_rows(idx)),
+            x=torch.from_numpy(x) if isinstance(x, np.ndarray) else x,
             size_factors=torch.from_numpy(self.size_factors[idx][:, None].copy()),
             library=torch.from_numpy(self.library[idx][:, None].copy()),
             batch=torch.from_numpy(self.batch[idx] if self.batch is not None else zeros),
@@ -329,36 +464,266 @@ class SingleCellData:
             out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
         return out
 
-    def loader(self, indices=None, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
-               drop_last: bool = False, device="cpu") -> "MinibatchLoader":
-        "Minibatches over `indices` (all cells by default)."
-        return MinibatchLoader(self, indices, batch_size, shuffle, seed, drop_last, device)
+    def loader(
+        self,
+        indices=None,  # rows to iterate (all cells by default)
+        batch_size: int = 128,  # cells per minibatch
+        shuffle: bool = False,  # new random order every epoch
+        seed: int = 0,  # seed of the shuffling
+        drop_last: bool = False,  # drop a last, smaller minibatch
+        device="cpu",  # where the minibatches are put
+        source: str = "auto",  # "memory", "device", "disk" or "auto" (see "Data sources")
+        **options,  # the chosen loader's options (chunk_rows, buffer_chunks, prefetch for "disk")
+    ):
+        "Minibatches over `indices`, from the in-memory matrix, a device-resident copy, or the file on disk."
+        source = _choose_source(self, source, device)
+        cls = {"memory": MinibatchLoader, "device": DeviceLoader, "disk": ChunkedLoader}[source]
+        return cls(self, indices, batch_size, shuffle, seed, drop_last, device, **options)
 
-# %% ../nbs/00_core.data.ipynb #8a53ece8
-class MinibatchLoader:
-    "Iterates whole minibatches of a `SingleCellData` (each fetched with one sparse row slice)."
-    def __init__(self, data: SingleCellData, indices=None, batch_size=128, shuffle=False, seed=0,
-                 drop_last=False, device="cpu"):
+# %% ../nbs/00_core.data.ipynb #5202d8bc
+def _choose_source(data, source: str, device) -> str:
+    "Resolve `source='auto'` and check that the requested source can serve these data."
+    if source not in ("auto", "memory", "device", "disk"):
+        raise ValueError(f"source={source!r}; use 'auto', 'memory', 'device' or 'disk'.")
+    dev = torch.device(device)
+    if source == "auto":
+        if data.streamed:
+            return "disk"
+        if dev.type == "cuda":
+            nbytes = (data.X.nnz * 8 if sp.issparse(data.X) else data.X.size * 4) + data.n_obs * 32
+            free = torch.cuda.mem_get_info(dev)[0]
+            return "device" if nbytes < 0.5 * free else "memory"
+        return "memory"
+    if source == "disk" and not data.streamed:
+        raise ValueError("source='disk' streams a backed AnnData; these data are in memory. Open the file with "
+                         "`anndata.read_h5ad(path, backed='r')` and build the model on it (or use source='memory').")
+    if source in ("memory", "device") and data.streamed:
+        raise ValueError(f"source={source!r} needs the counts in memory, but these data are streamed from disk. Use "
+                         f"source='disk', or load the AnnData into memory (`adata.to_memory()`).")
+    return source
+
+class _Loader:
+    "What every loader shares: indices, shuffling generator, minibatch bounds and sharding across processes."
+    def __init__(self, data, indices=None, batch_size=128, shuffle=False, seed=0, drop_last=False, device="cpu"):
         self.data = data
         self.indices = np.arange(data.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1.")
         self.batch_size, self.shuffle, self.drop_last, self.device = int(batch_size), shuffle, drop_last, device
         self.rng = np.random.default_rng(seed)
-        # a single final minibatch of one cell breaks batch-norm: fold it into the previous one
-        self._fold_last = (not drop_last) and len(self.indices) > batch_size and len(self.indices) % batch_size == 1
+        self.rank, self.world_size, self.pad = 0, 1, False
+
+    def shard(self, rank: int, world_size: int, pad: bool = True):
+        "Iterate only process `rank`'s share of each epoch; `pad`: every rank gets the same number of minibatches."
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
+        self.rank, self.world_size, self.pad = int(rank), int(world_size), bool(pad)
+        return self
+
+    def _share(self, order: np.ndarray) -> np.ndarray:
+        "This rank's part of an epoch's order (interleaved; padded by wrapping around when `pad`)."
+        if self.world_size == 1:
+            return order
+        if self.pad and len(order):
+            order = np.resize(order, -(-len(order) // self.world_size) * self.world_size)
+        return order[self.rank::self.world_size]
+
+    def _n_cells(self) -> int:
+        n = len(self.indices)
+        if self.world_size == 1:
+            return n
+        return -(-n // self.world_size) if self.pad else len(range(self.rank, n, self.world_size))
+
+    def _bounds(self, n: int) -> list:
+        "(start, stop) of each minibatch of n cells; a last minibatch of one cell joins the previous one (batch-norm)."
+        if self.drop_last:
+            return [(s, s + self.batch_size) for s in range(0, n - self.batch_size + 1, self.batch_size)]
+        b = list(range(0, n, self.batch_size)) + [n]
+        if n > self.batch_size and n % self.batch_size == 1:
+            b.pop(-2)
+        return list(zip(b[:-1], b[1:]))
 
     def __len__(self):
-        n = len(self.indices)
-        if self.drop_last: return n // self.batch_size
-        return max(1, -(-n // self.batch_size) - int(self._fold_last)) if n else 0
+        return len(self._bounds(self._n_cells()))
 
+# %% ../nbs/00_core.data.ipynb #168fd62e
+class MinibatchLoader(_Loader):
+    "Minibatches of an in-memory `SingleCellData` (each fetched with one sparse row slice, densified on its own)."
     def __iter__(self) -> Iterator[dict]:
-        order = self.rng.permutation(self.indices) if self.shuffle else self.indices
-        bounds = list(range(0, len(order), self.batch_size)) + [len(order)]
-        if self._fold_last: bounds.pop(-2)
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            if self.drop_last and stop - start < self.batch_size: break
+        order = self._share(self.rng.permutation(self.indices) if self.shuffle else self.indices)
+        for start, stop in self._bounds(len(order)):
             idx = order[start:stop]
             # sorted rows make the CSR slice faster; order inside a minibatch does not matter for training
             yield self.data.get_batch(np.sort(idx) if self.shuffle else idx, self.device)
+
+# %% ../nbs/00_core.data.ipynb #fdbb63a9
+def _csr_rows_to_dense(indptr, indices, values, rows, n_cols: int, max_row_nnz: int, block: int = 8192):
+    "Dense (len(rows), n_cols) counts of CSR rows, all in torch on one device, without host synchronisation."
+    out = torch.zeros(len(rows), n_cols, dtype=values.dtype, device=values.device)
+    if max_row_nnz == 0:
+        return out
+    slots = torch.arange(max_row_nnz, device=values.device)
+    for s in range(0, len(rows), block):  # bounded temporaries for very large minibatches
+        r = rows[s:s + block]
+        start = indptr[r]
+        pos = start[:, None] + slots
+        inside = slots < (indptr[r + 1] - start)[:, None]
+        pos = torch.where(inside, pos, torch.zeros_like(pos))
+        out[s:s + block].scatter_add_(1, indices[pos], values[pos] * inside)
+    return out
+
+# %% ../nbs/00_core.data.ipynb #e84bdeae
+class DeviceLoader(_Loader):
+    "Minibatches of a `SingleCellData` whose whole CSR lives on `device`; order and densifying happen there."
+    def __init__(self, data, indices=None, batch_size=128, shuffle=False, seed=0, drop_last=False, device="cpu"):
+        super().__init__(data, indices, batch_size, shuffle, seed, drop_last, device)
+        self.t = _device_copy(data, torch.device(device))
+        self._indices_t = torch.as_tensor(self.indices, device=self.t["values"].device)
+
+    def __iter__(self) -> Iterator[dict]:
+        t, dev = self.t, self.t["values"].device
+        order = self._indices_t
+        if self.shuffle:  # drawn on the device from a seed taken from the (checkpointed) numpy generator
+            g = torch.Generator(device=dev).manual_seed(int(self.rng.integers(2**62)))
+            order = order[torch.randperm(len(order), generator=g, device=dev)]
+        if self.world_size > 1:
+            n, w = len(order), self.world_size
+            if self.pad and n:
+                total = -(-n // w) * w
+                order = order.repeat(-(-total // n))[:total]
+            order = order[self.rank::w]
+        for start, stop in self._bounds(len(order)):
+            rows = order[start:stop]
+            if t["dense"] is not None:
+                x = t["dense"][rows]
+            else:
+                x = _csr_rows_to_dense(t["indptr"], t["indices"], t["values"], rows, self.data.n_vars, t["max_row_nnz"])
+            yield dict(x=x, size_factors=t["size_factors"][rows][:, None], library=t["library"][rows][:, None],
+                       batch=t["batch"][rows], labels=t["labels"][rows], index=rows)
+
+def _device_copy(data, dev: torch.device) -> dict:
+    "The data's counts and covariates as tensors on `dev` (made once per device and kept on the data object)."
+    key = str(dev)
+    if key not in data._device_copies:
+        X, zeros = data.X, np.zeros(data.n_obs, dtype=np.int64)
+        t = dict(dense=None, indptr=None, indices=None, values=torch.zeros(0, device=dev), max_row_nnz=0)
+        if sp.issparse(X):
+            t.update(indptr=torch.as_tensor(X.indptr.astype(np.int64), device=dev),
+                     indices=torch.as_tensor(X.indices.astype(np.int64), device=dev),
+                     values=torch.as_tensor(X.data, dtype=torch.float32, device=dev),
+                     max_row_nnz=int(np.diff(X.indptr).max()) if X.shape[0] else 0)
+        else:
+            t["dense"] = torch.as_tensor(np.asarray(X), dtype=torch.float32, device=dev)
+            t["values"] = t["dense"]
+        for k, v in dict(size_factors=data.size_factors, library=data.library,
+                         batch=data.batch if data.batch is not None else zeros,
+                         labels=data.labels if data.labels is not None else zeros).items():
+            t[k] = torch.as_tensor(v, device=dev)
+        data._device_copies[key] = t
+    return data._device_copies[key]
+
+# %% ../nbs/00_core.data.ipynb #59c59ea5
+class ChunkedLoader(_Loader):
+    "Minibatches streamed from a backed h5ad: contiguous row blocks in shuffled order, pooled and shuffled in memory."
+    def __init__(
+        self,
+        data,  # a streamed `SingleCellData`
+        indices=None,  # rows to iterate (all by default)
+        batch_size=128,  # cells per minibatch
+        shuffle=False,  # shuffle the blocks and the rows of each pool
+        seed=0,  # seed of the shuffling
+        drop_last=False,  # drop a last, smaller minibatch
+        device="cpu",  # where the minibatches are put
+        chunk_rows: int | None = None,  # cells per contiguous read (None: 16 minibatches, at least 1024 cells)
+        buffer_chunks: int = 8,  # blocks pooled and shuffled together
+        prefetch: bool = True,  # read the next pool in a background thread
+    ):
+        super().__init__(data, indices, batch_size, shuffle, seed, drop_last, device)
+        self.indices = np.sort(self.indices)
+        self.chunk_rows = int(chunk_rows or max(1024, 16 * self.batch_size))
+        self.buffer_chunks, self.prefetch = max(1, int(buffer_chunks)), prefetch
+
+    def _all_chunks(self) -> list:
+        "Blocks of consecutive training rows (each a contiguous span of the file)."
+        return [self.indices[s:s + self.chunk_rows] for s in range(0, len(self.indices), self.chunk_rows)]
+
+    def _my_chunks(self, perm: np.ndarray | None) -> list:
+        "This epoch's blocks for this rank, in order."
+        chunks = self._all_chunks()
+        if perm is not None:
+            chunks = [chunks[i] for i in perm]
+        return chunks[self.rank::self.world_size] if self.world_size > 1 else chunks
+
+    def _n_cells(self) -> int:
+        if self.world_size == 1:
+            return len(self.indices)
+        if self.pad:
+            return -(-len(self.indices) // self.world_size)
+        return sum(len(c) for c in self._all_chunks()[self.rank::self.world_size])
+
+    def _read_pool(self, chunks: list, seed):
+        "Read some blocks (contiguous spans on disk) and shuffle their rows together (seed None: keep the order)."
+        X = self.data.X
+        parts = [X.rows(int(c[0]), int(c[-1]) + 1)[c - c[0]] for c in chunks]
+        rows = np.concatenate(chunks)
+        block = sp.vstack(parts, format="csr") if X.sparse else np.concatenate(parts)
+        if seed is not None:
+            p = np.random.default_rng(seed).permutation(len(rows))
+            rows, block = rows[p], block[p]
+        return rows, block
+
+    def _pool_jobs(self) -> list:
+        "This epoch's pools as (blocks, shuffle seed); one draw from `rng` per epoch, the same on every rank."
+        epoch_seed = int(self.rng.integers(2**62)) if self.shuffle else None
+        perm = np.random.default_rng(epoch_seed).permutation(len(self._all_chunks())) if self.shuffle else None
+        chunks = self._my_chunks(perm)
+        if not chunks:
+            return []
+        jobs, need, i = [], self._n_cells(), 0
+        while need > 0:  # a padded shard cycles over its blocks until it has its share of cells
+            group = chunks[i % len(chunks):i % len(chunks) + self.buffer_chunks]
+            seed = None if epoch_seed is None else np.random.SeedSequence([epoch_seed, self.rank, len(jobs)])
+            jobs.append((group, seed))
+            need -= sum(len(c) for c in group)
+            i += len(group)
+        return jobs
+
+    def _pools(self):
+        "The epoch's pools of (rows, counts), read ahead by a background thread when `prefetch`."
+        jobs = self._pool_jobs()
+        if not self.prefetch or len(jobs) < 2:
+            for g, s in jobs:
+                yield self._read_pool(g, s)
+            return
+        q, stop = queue.Queue(maxsize=1), threading.Event()
+        def produce():
+            try:
+                for g, s in jobs:
+                    if stop.is_set(): return
+                    q.put(self._read_pool(g, s))
+                q.put(None)
+            except BaseException as e:  # hand the error to the consumer
+                q.put(e)
+        threading.Thread(target=produce, daemon=True).start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException): raise item
+                yield item
+        finally:
+            stop.set()
+
+    def __iter__(self) -> Iterator[dict]:
+        sizes = [b - a for a, b in self._bounds(self._n_cells())]
+        k, carry_rows, carry = 0, None, None
+        for rows, block in self._pools():
+            if carry is not None:  # the few cells left over from the previous pool
+                rows = np.concatenate([carry_rows, rows])
+                block = sp.vstack([carry, block], format="csr") if sp.issparse(block) else np.concatenate([carry, block])
+            start = 0
+            while k < len(sizes) and len(rows) - start >= sizes[k]:
+                stop = start + sizes[k]
+                yield self.data.get_batch(rows[start:stop], self.device, x=self.data._model_genes(block[start:stop]))
+                start, k = stop, k + 1
+            if k == len(sizes):
+                return
+            carry_rows, carry = rows[start:], block[start:]

@@ -5,6 +5,7 @@
 # %% ../nbs/04_core.train.ipynb #59648a39
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -16,13 +17,14 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm  # text bars: no ipywidgets needed (tqdm.auto warns "IProgress not found" without it)
 
 # %% auto #0
 __all__ = ['LossOutput', 'ModuleProtocol', 'BaseModule', 'get_device', 'set_seed', 'get_rng_state', 'set_rng_state',
-           'make_optimizer', 'KerasReduceLROnPlateau', 'make_scheduler', 'StepContext', 'TrainingPlan', 'check_finite',
-           'Trainer']
+           'distributed_info', 'init_distributed', 'make_optimizer', 'scale_lr', 'KerasReduceLROnPlateau',
+           'make_scheduler', 'StepContext', 'TrainingPlan', 'check_finite', 'Trainer']
 
 # %% ../nbs/04_core.train.ipynb #cd4e888e
 @dataclass
@@ -117,12 +119,33 @@ def set_rng_state(state: dict):
     if "cuda" in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
 # %% ../nbs/04_core.train.ipynb #2305f0d8
+def distributed_info() -> tuple[int, int]:
+    "(rank, world_size) of this process in the initialised process group, or (0, 1)."
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    "Join the process group `torchrun` prepared (WORLD_SIZE > 1 in the environment); returns (rank, world_size)."
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return distributed_info()
+
+# %% ../nbs/04_core.train.ipynb #a4233b64
+_FUSED = ("adam", "amsgrad", "adamw", "sgd")
+
 def make_optimizer(params, optimizer="adam", lr: float = 1e-3, weight_decay: float = 0.0, **kwargs):
-    "An optimiser from a name ('adam', 'adamw', 'amsgrad', 'rmsprop', 'sgd') or a callable(params, lr=...)."
+    "An optimiser from a name ('adam', 'adamw', 'amsgrad', 'rmsprop', 'sgd') or a callable(params, lr=...); fused when possible."
     params = [p for p in params if p.requires_grad]
     if callable(optimizer) and not isinstance(optimizer, str):
         return optimizer(params, lr=lr, weight_decay=weight_decay, **kwargs)
     name = optimizer.lower()
+    if (name in _FUSED and "fused" not in kwargs and "foreach" not in kwargs and params
+            and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not p.is_sparse for p in params)):
+        kwargs["fused"] = True
     if name == "adam": return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **kwargs)
     if name == "amsgrad": return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=True, **kwargs)
     if name == "adamw": return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
@@ -132,6 +155,21 @@ def make_optimizer(params, optimizer="adam", lr: float = 1e-3, weight_decay: flo
     if name == "sgd": return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, **kwargs)
     raise ValueError(f"optimizer={optimizer!r} is unknown; use 'adam', 'adamw', 'amsgrad', 'rmsprop', 'sgd' "
                      f"or a callable.")
+
+# %% ../nbs/04_core.train.ipynb #6b8e169b
+def scale_lr(
+    lr: float,  # the learning rate published with `base_batch_size`
+    batch_size: int,  # the minibatch size to train with
+    base_batch_size: int,  # the minibatch size `lr` was published with
+    rule: str = "sqrt",  # "sqrt" (Adam, RMSprop: Malladi et al. 2022) or "linear" (SGD: Goyal et al. 2017)
+) -> float:
+    "The learning rate for a larger (or smaller) minibatch by the square-root or linear scaling rule."
+    if batch_size < 1 or base_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, base_batch_size={base_batch_size}.")
+    ratio = batch_size / base_batch_size
+    if rule == "sqrt": return lr * math.sqrt(ratio)
+    if rule == "linear": return lr * ratio
+    raise ValueError(f"rule={rule!r}; use 'sqrt' (adaptive optimisers) or 'linear' (SGD).")
 
 # %% ../nbs/04_core.train.ipynb #0f6d426e
 class KerasReduceLROnPlateau:
@@ -184,6 +222,7 @@ class StepContext:
     kl_weight: float = 1.0  # current KL warm-up weight
     device: torch.device = torch.device("cpu")
     amp: bool = False  # mixed precision enabled
+    amp_dtype: torch.dtype = torch.float16  # autocast dtype when `amp` (float16 or bfloat16)
 
 class TrainingPlan:
     "Optimisers and the meaning of one training / validation step for a module."
@@ -213,6 +252,8 @@ class TrainingPlan:
         self.optimizers: dict = {}
         self.schedulers: dict = {}
         self.scaler = None
+        self.world_size = 1  # processes training together (set by the Trainer)
+        self.compiled_loss = None  # `torch.compile`d `module.loss` (set by the Trainer when compile=...)
 
     def configure_optimizers(self) -> dict:
         "Create the optimisers (name -> optimiser) and their schedulers."
@@ -237,8 +278,9 @@ class TrainingPlan:
     def compute_loss(self, batch: dict, ctx: StepContext, module: nn.Module | None = None) -> LossOutput:
         "Call the module's `loss` (under autocast when mixed precision is on) and check what it returns."
         module = self.module if module is None else module
-        with torch.autocast(ctx.device.type, enabled=ctx.amp and ctx.device.type == "cuda"):
-            out = module.loss(batch, kl_weight=ctx.kl_weight)
+        loss_fn = self.compiled_loss if self.compiled_loss is not None and module is self.module else module.loss
+        with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp and ctx.device.type == "cuda"):
+            out = loss_fn(batch, kl_weight=ctx.kl_weight)
         if not isinstance(out, LossOutput):
             raise TypeError(f"{type(module).__name__}.loss returned {type(out).__name__}; the module contract "
                             f"requires a scdeep_nb.train.LossOutput.")
@@ -253,15 +295,30 @@ class TrainingPlan:
         if self.grad_clip_norm is not None: torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
         if self.grad_clip_value is not None: torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)
 
+    def sync_gradients(self, parameters):
+        "Average the gradients over the training processes (no-op for one process): one all-reduce per dtype."
+        if self.world_size <= 1:
+            return
+        params = [p for p in parameters if p.requires_grad]
+        for p in params:
+            if p.grad is None: p.grad = torch.zeros_like(p)
+        for dtype in {p.grad.dtype for p in params}:
+            grads = [p.grad for p in params if p.grad.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
     def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, parameters):
-        "Backward, clip and step one optimiser (mixed-precision aware)."
+        "Backward, average over processes, clip and step one optimiser (mixed-precision aware)."
         opt.zero_grad(set_to_none=True)
         parameters = list(parameters)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward(); self.scaler.unscale_(opt)
+            self.scaler.scale(loss).backward(); self.sync_gradients(parameters); self.scaler.unscale_(opt)
             self.clip(parameters); self.scaler.step(opt); self.scaler.update()
         else:
-            loss.backward(); self.clip(parameters); opt.step()
+            loss.backward(); self.sync_gradients(parameters); self.clip(parameters); opt.step()
 
     def training_step(self, batch: dict, ctx: StepContext) -> dict:
         "One optimiser step; returns the logged values (detached tensors) and the cell count `_n`."
@@ -320,7 +377,9 @@ class Trainer:
         checkpoint_path: str | None = None,  # file to save a checkpoint to after every `checkpoint_every` epochs
         checkpoint_every: int = 1,  # epochs between checkpoints
         resume: bool = False,  # continue from `checkpoint_path` if it exists
-        amp: bool = False,  # mixed precision (CUDA only; ignored on CPU)
+        amp: bool | str = False,  # mixed precision on CUDA: True / "fp16" (with loss scaling) or "bf16"; ignored on CPU
+        num_threads: int | None = None,  # torch CPU threads while training (None: leave torch's setting)
+        compile: bool | dict = False,  # `torch.compile` the module's loss (a dict: torch.compile's arguments)
     ):
         if max_epochs < 1: raise ValueError(f"max_epochs={max_epochs} must be >= 1.")
         if tolerance is not None and (tolerance < 0 or tolerance_every < 1):
@@ -332,8 +391,15 @@ class Trainer:
         self.device = get_device(device)
         self.seed, self.progress_bar = seed, progress_bar
         self.checkpoint_path, self.checkpoint_every, self.resume = checkpoint_path, checkpoint_every, resume
-        self.amp = amp and self.device.type == "cuda"
+        if amp not in (False, True, "fp16", "bf16"):
+            raise ValueError(f"amp={amp!r}; use False, True / 'fp16' (float16 with loss scaling) or 'bf16'.")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads={num_threads} must be >= 1 (or None).")
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        self.num_threads, self.compile = num_threads, compile
         self.stopped_early, self.stop_reason, self.state = False, None, None
+        self.rank, self.world_size = 0, 1
 
     def _epoch(self, loader, step_fn, ctx, train: bool) -> dict:
         sums, n = {}, 0
@@ -350,6 +416,12 @@ class Trainer:
                 v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                 sums[k] = sums[k] + v * w if k in sums else v * w
             n += w
+        if self.world_size > 1:  # add up over processes: the same history everywhere
+            keys = sorted(sums)
+            buf = torch.stack([sums[k].to(self.device).reshape(()) for k in keys]
+                              + [torch.tensor(float(n), device=self.device)])
+            dist.all_reduce(buf)
+            sums, n = dict(zip(keys, buf[:-1])), float(buf[-1])
         out = {k: float(v) / max(n, 1) for k, v in sums.items()}  # one host read per epoch
         check_finite(out, ctx, "training" if train else "validation")
         return out
@@ -373,13 +445,43 @@ class Trainer:
         state: dict | None = None,  # `trainer.state` of an earlier fit of the same plan's module: continue from it
     ) -> pd.DataFrame:  # the history, one row per epoch
         "Train; returns the history (one row per epoch)."
+        threads = torch.get_num_threads()
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        try:
+            return self._fit(plan, train_loader, val_loader, state)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _setup_processes(self, plan, module, train_loader, val_loader):
+        "In a torchrun process group: the same initial weights everywhere and sharded loaders."
+        plan.world_size = self.world_size
+        if self.world_size == 1:
+            return module
+        for t in module.state_dict().values():  # rank 0's initial weights and buffers everywhere
+            dist.broadcast(t, 0)
+        for loader in (train_loader, val_loader):
+            if loader is None: continue
+            if not hasattr(loader, "shard"):
+                raise TypeError(f"Training on {self.world_size} processes needs loaders that can be sharded "
+                                f"(`shard(rank, world_size)`, as scdeep_nb.data's loaders); got {type(loader).__name__}.")
+            loader.shard(self.rank, self.world_size, pad=True)
+        return module
+
+    def _fit(self, plan, train_loader, val_loader, state):
         self._plan = plan
+        self.rank, self.world_size = init_distributed()
+        if self.world_size > 1 and self.device.type == "cuda":  # one GPU per process (torchrun's LOCAL_RANK)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         module = plan.module.to(self.device)
+        module = self._setup_processes(plan, module, train_loader, val_loader)
         set_seed(self.seed)
         plan.configure_optimizers()
-        plan.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        plan.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_dtype == torch.float16 else None
+        if self.compile:
+            plan.compiled_loss = torch.compile(module.loss, **(self.compile if isinstance(self.compile, dict) else {}))
         has_val = val_loader is not None and len(val_loader) > 0
-        rows, ctx, start_epoch, epoch_offset = [], StepContext(device=self.device, amp=self.amp), 0, 0
+        rows, ctx, start_epoch, epoch_offset = [], StepContext(device=self.device, amp=self.amp, amp_dtype=self.amp_dtype), 0, 0
         best, best_epoch, best_state, wait, last_check = math.inf, -1, None, 0, None
         if state is not None:  # continue an earlier fit: optimiser/scheduler states, step and epoch counters
             plan.load_state_dict(state["plan"])
@@ -393,7 +495,7 @@ class Trainer:
             if ck.get("loader_rng") is not None and hasattr(train_loader, "rng"):
                 train_loader.rng.bit_generator.state = ck["loader_rng"]
         self._first_step = ctx.step
-        bar = tqdm(range(start_epoch, self.max_epochs), desc="Training", disable=not self.progress_bar,
+        bar = tqdm(range(start_epoch, self.max_epochs), desc="Training", disable=not self.progress_bar or self.rank > 0,
                    initial=start_epoch, total=self.max_epochs)
         for local_epoch in bar:
             epoch = local_epoch + epoch_offset
@@ -429,14 +531,20 @@ class Trainer:
                     stop = f"tolerance: {self.monitor_used} changed by <= {self.tolerance} in {self.tolerance_every} epochs"
                 last_check = current
             if self.checkpoint_path and ((local_epoch + 1) % self.checkpoint_every == 0 or stop):
-                self._save_checkpoint(module, plan, rows, local_epoch, ctx.step, best, best_epoch, wait, last_check,
-                                      train_loader)
+                if self.rank == 0:
+                    self._save_checkpoint(module, plan, rows, local_epoch, ctx.step, best, best_epoch, wait,
+                                          last_check, train_loader)
+                if self.world_size > 1: dist.barrier()
             if stop:
                 self.stopped_early, self.stop_reason = True, stop
                 break
         bar.close()
         if self.restore_best and best_state is not None:
             module.load_state_dict(best_state)
+        if self.world_size > 1:  # batch-norm statistics differ between processes: keep rank 0's everywhere
+            for b in module.buffers():
+                dist.broadcast(b, 0)
+        plan.compiled_loss = None
         module.eval()
         self.best_epoch, self.best = best_epoch, best
         self.state = dict(plan=plan.state_dict(), step=ctx.step, epoch=rows[-1]["epoch"] if rows else epoch_offset - 1)
