@@ -140,6 +140,26 @@ def test_monitor_stops_collapse_and_explosion(small):
                                                                                progress_bar=False)
 
 
+def test_monitor_rule_caps_the_discriminator_not_the_generator(small):
+    "A large generator adversarial loss (non-saturating, D rejects every fake) is allowed; a large D loss or NaN is not."
+    from scdeep_nb.train import StepContext
+    rna, prot, _, pairs = small
+    model = MAGAN(rna, prot, correspondence=pairs, **TINY_NETS)
+    plan = MAGANTrainingPlan(model.module, data_b=model.data_b, rows_b=np.arange(prot.n_obs), batch_size_b=32,
+                             max_loss=25.0)
+    ok = dict(loss=1.0, discriminator=0.7, adversarial=0.7, cycle=0.5, correspondence=0.5, diversity_ab=0.8,
+              diversity_ba=0.8)
+    ctx = StepContext(epoch=3, step=99)
+    plan.check({k: torch.tensor(v) for k, v in ok.items()}, ctx)
+    plan.check({k: torch.tensor(v) for k, v in {**ok, "adversarial": 60.0, "loss": 25.0}.items()}, ctx)
+    with pytest.raises(GANTrainingError, match="at step 100 .*discriminator loss is 30"):
+        plan.check({k: torch.tensor(v) for k, v in {**ok, "discriminator": 30.0}.items()}, ctx)
+    with pytest.raises(GANTrainingError, match="the cycle loss is nan"):
+        plan.check({k: torch.tensor(v) for k, v in {**ok, "cycle": float("nan")}.items()}, ctx)
+    with pytest.raises(GANTrainingError, match="a -> b generator has collapsed"):
+        plan.check({k: torch.tensor(v) for k, v in {**ok, "diversity_ab": 0.001}.items()}, ctx)
+
+
 def test_save_load_both_domains(trained, small, tmp_path):
     rna, prot, _, _ = small
     ab, ba = trained.align()

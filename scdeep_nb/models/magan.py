@@ -231,7 +231,7 @@ class MAGANTrainingPlan(TrainingPlan):
         monitor_every: int = 50,  # steps between two checks of the monitor (0: never)
         monitor_start_step: int = 0,  # first step the monitor checks
         collapse_threshold: float = 0.01,  # a generator whose diversity falls below this has collapsed
-        max_loss: float = 25.0,  # a loss above this has exploded
+        max_loss: float = 25.0,  # a discriminator loss above this has exploded
         **plan_kwargs,  # optimiser / scheduler options of `TrainingPlan` (both players get the same)
     ):
         super().__init__(module, **plan_kwargs)
@@ -289,14 +289,17 @@ class MAGANTrainingPlan(TrainingPlan):
         "Raise `GANTrainingError` if a loss exploded or a generator collapsed (one host read)."
         values = {k: float(v) for k, v in logged.items()}
         where = f"at step {ctx.step + 1} (epoch {ctx.epoch})"
-        for key, name in (("loss", "generator"), ("discriminator", "discriminator"), ("adversarial", "adversarial")):
-            v = values[key]
-            if not np.isfinite(v) or v > self.max_loss:
+        for key in ("loss", "discriminator", "adversarial", "cycle", "correspondence"):
+            if not np.isfinite(values[key]):
                 raise GANTrainingError(
-                    f"MAGAN training stopped {where}: the {name} loss is {v:.4g} (max_loss={self.max_loss}); the "
-                    f"adversarial game has broken down (one player wins completely, its gradients vanish). Try a "
-                    f"smaller learning rate (lr=1e-4), a larger batch, or a larger correspondence_weight; "
-                    f"losses so far: {values}.")
+                    f"MAGAN training stopped {where}: the {key} loss is {values[key]}. Try a smaller learning rate "
+                    f"(lr=1e-4) or check the inputs (normalize_a / normalize_b); losses so far: {values}.")
+        if values["discriminator"] > self.max_loss:
+            raise GANTrainingError(
+                f"MAGAN training stopped {where}: the discriminator loss is {values['discriminator']:.4g} "
+                f"(max_loss={self.max_loss}): the discriminators are fooled completely and their logits run away; the "
+                f"adversarial game has broken down. Try a smaller learning rate (lr=1e-4), a larger batch, or "
+                f"another seed; losses so far: {values}.")
         for name, label in (("diversity_ab", "a -> b"), ("diversity_ba", "b -> a")):
             if values[name] < self.collapse_threshold:  # NaN (a minibatch of one cell) is not checked
                 raise GANTrainingError(
@@ -352,9 +355,9 @@ class MAGAN(BaseModel):
         cycle_discriminator: bool = False,  # add the paper's discriminator terms on cycled cells (absent from the code)
         generator_sizes: Sequence[int] = (200, 100, 50),  # hidden widths of each generator (the reference's)
         discriminator_sizes: Sequence[int] = (800, 400, 200, 100, 50),  # hidden widths of each discriminator (the reference's)
-        monitor_every: int = 50,  # steps between checks for exploded losses / collapsed generators (0: never)
+        monitor_every: int = 50,  # steps between checks for NaN / exploded critic losses / collapsed generators (0: never)
         collapse_threshold: float = 0.01,  # a generator whose translated cells spread less than this x the real cells' has collapsed
-        max_loss: float = 25.0,  # a generator / discriminator loss above this has exploded
+        max_loss: float = 25.0,  # a discriminator (critic) loss above this has exploded (at chance it is ~0.69)
         allow_non_integer: bool = False,  # accept non-integer values in domain a (needed unless normalize_a is "arcsinh" / "none")
         allow_non_integer_b: bool = False,  # the same for domain b
     ):
