@@ -18,7 +18,8 @@ from .data import get_counts, size_factors
 
 # %% auto #0
 __all__ = ['log_normalize', 'pca', 'leiden', 'kmeans', 'tsne', 'umap', 'knn_smooth', 'combat', 'harmony', 'knn_classifier',
-           'logistic_classifier']
+           'logistic_classifier', 'diffusion_impute', 'magic', 'fit_nb_generator', 'sample_nb_generator',
+           'correspondence_knn']
 
 # %% ../nbs/06a_core.baselines.ipynb #618e93f5
 def _counts_adata(data, layer: str | None = None) -> AnnData:
@@ -207,3 +208,134 @@ def logistic_classifier(
     from sklearn.linear_model import LogisticRegression
     clf = LogisticRegression(max_iter=2000, random_state=seed)
     return clf.fit(np.asarray(train_embedding), np.asarray(train_labels)).predict(np.asarray(test_embedding))
+
+# %% ../nbs/06a_core.baselines.ipynb #0269a0c5
+def _sqrt_normalised(counts, layer):
+    "Dense float64 counts, their median size factors and sqrt(counts / s)."
+    if isinstance(counts, AnnData):
+        counts, _ = get_counts(counts, layer)
+    X = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    X = X.astype(np.float64)
+    s = size_factors(X, "median").astype(np.float64)
+    if (s <= 0).any():
+        raise ValueError("Some cells have zero total counts; filter them first (`sc.pp.filter_cells(adata, min_counts=1)`).")
+    return X, s, np.sqrt(X / s[:, None])
+
+def diffusion_impute(
+    counts,  # raw counts, cells x genes (dense or sparse), or an AnnData
+    knn: int = 5,  # neighbour whose distance sets each cell's kernel width (MAGIC's knn)
+    t: int = 3,  # diffusion steps
+    decay: float = 1.0,  # alpha of the alpha-decay kernel (MAGIC's decay)
+    n_pcs: int = 30,  # principal components used for distances
+    seed: int = 0,  # seed of the PCA solver
+    layer: str | None = None,  # layer with the counts when `counts` is an AnnData
+) -> np.ndarray:  # (cells, genes) diffused expected counts on each cell's count scale
+    "MAGIC-style diffusion denoising in our own code (library-normalise, sqrt, adaptive kNN kernel, Markov matrix to the power t)."
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+    X, s, Y = _sqrt_normalised(counts, layer)
+    n = len(X)
+    if not 1 <= knn < n or t < 0:
+        raise ValueError(f"knn must be in [1, n_cells) = [1, {n}) and t >= 0; got knn={knn}, t={t}.")
+    k_pcs = int(min(n_pcs, n - 1, X.shape[1] - 1))
+    emb = PCA(k_pcs, random_state=seed).fit_transform(Y) if k_pcs >= 1 else Y
+    k_max = int(min(3 * knn, n - 1))
+    dist, idx = NearestNeighbors(n_neighbors=k_max + 1).fit(emb).kneighbors(emb)
+    sigma = np.maximum(dist[:, min(knn, k_max)], 1e-12)
+    w = np.exp(-((dist / sigma[:, None]) ** decay))
+    K = sp.csr_matrix((w.ravel(), idx.ravel(), np.arange(0, n * (k_max + 1) + 1, k_max + 1)), shape=(n, n))
+    K = (K + K.T) / 2
+    P = sp.diags(1 / np.asarray(K.sum(1)).ravel()) @ K
+    out = Y
+    for _ in range(int(t)):
+        out = P @ out
+    return np.asarray(out) ** 2 * s[:, None]
+
+def magic(
+    counts,  # raw counts, cells x genes (dense or sparse), or an AnnData
+    knn: int = 5,  # MAGIC's knn
+    t: int | str = 3,  # diffusion steps ("auto": the package chooses)
+    decay: float = 1.0,  # MAGIC's decay
+    n_pcs: int = 30,  # MAGIC's n_pca
+    seed: int = 0,  # random seed
+    layer: str | None = None,  # layer with the counts when `counts` is an AnnData
+) -> np.ndarray:  # (cells, genes) MAGIC output squared back on each cell's count scale
+    "MAGIC (the authors' magic-impute package, optional) on library-normalised sqrt counts."
+    try:
+        import magic as magic_impute
+    except ImportError as err:
+        raise ImportError("magic needs the optional package magic-impute: pip install magic-impute "
+                          "(or use diffusion_impute, the same recipe in our own code).") from err
+    X, s, Y = _sqrt_normalised(counts, layer)
+    op = magic_impute.MAGIC(knn=int(knn), t=t, decay=decay, n_pca=int(min(n_pcs, len(X) - 1, X.shape[1] - 1)),
+                            random_state=seed, verbose=0, n_jobs=1)
+    out = np.asarray(op.fit_transform(Y), dtype=np.float64)
+    return np.clip(out, 0, None) ** 2 * s[:, None]
+
+# %% ../nbs/06a_core.baselines.ipynb #219d67b2
+def fit_nb_generator(
+    counts,  # training counts, cells x genes (dense or sparse), or an AnnData
+    clusters: Sequence | None = None,  # a cluster per cell (None: Leiden on PCA of the counts)
+    resolution: float = 1.0,  # Leiden resolution when clusters is None
+    seed: int = 0,  # seed of PCA and Leiden
+    layer: str | None = None,  # layer with the counts when `counts` is an AnnData
+) -> dict:  # the fitted generator (cluster names, weights, libraries, per-cluster proportions and dispersions)
+    "Fit a per-cluster negative-binomial generator of counts (moments on library-rescaled counts)."
+    if isinstance(counts, AnnData):
+        counts, _ = get_counts(counts, layer)
+    X = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    X = X.astype(np.float64)
+    if clusters is None:
+        clusters = leiden(pca(X, n_comps=30, seed=seed), resolution=resolution, seed=seed)
+    clusters = np.asarray(clusters).astype(str)
+    if len(clusters) != len(X):
+        raise ValueError(f"clusters has {len(clusters)} entries for {len(X)} cells.")
+    lib = X.sum(1)
+    names, props, thetas, libs, weights = [], [], [], [], []
+    for c in np.unique(clusters):
+        Xc, lc = X[clusters == c], lib[clusters == c]
+        ref = max(np.median(lc), 1.0)
+        Y = Xc * (ref / np.maximum(lc, 1.0))[:, None]
+        mean, var = Y.mean(0), Y.var(0)
+        excess = var - mean
+        theta = np.where(excess > 1e-8, mean ** 2 / np.maximum(excess, 1e-8), np.inf)
+        names.append(c); weights.append(len(Xc)); libs.append(lc)
+        props.append(Xc.sum(0) / max(Xc.sum(), 1.0)); thetas.append(theta)
+    return dict(clusters=names, weights=np.array(weights) / len(X), libraries=libs,
+                proportions=np.array(props), theta=np.array(thetas), var_count=X.shape[1])
+
+def sample_nb_generator(
+    generator: dict,  # from `fit_nb_generator`
+    n_cells: int,  # cells to generate
+    seed: int = 0,  # random seed
+) -> tuple:  # (counts: n_cells x genes float32, cluster name of each generated cell)
+    "Draw new cells from a fitted per-cluster negative-binomial generator."
+    rng = np.random.default_rng(seed)
+    k = rng.choice(len(generator["clusters"]), size=int(n_cells), p=generator["weights"])
+    L = np.array([rng.choice(generator["libraries"][c]) for c in k])
+    mu = generator["proportions"][k] * L[:, None]
+    theta = generator["theta"][k]
+    finite = np.isfinite(theta)
+    rate = np.where(finite, rng.gamma(np.where(finite, theta, 1.0), np.where(finite, mu / np.where(finite, theta, 1.0), 0.0)), mu)
+    out = rng.poisson(rate).astype(np.float32)
+    return out, np.asarray(generator["clusters"], dtype=object)[k]
+
+# %% ../nbs/06a_core.baselines.ipynb #1dd22342
+def correspondence_knn(
+    za: np.ndarray,  # domain a: cells x features, z-scored (or otherwise standardised) within the domain
+    zb: np.ndarray,  # domain b: other cells x other features, standardised within the domain
+    cols_a: Sequence[int],  # columns of a that correspond ...
+    cols_b: Sequence[int],  # ... to these columns of b, pair by pair
+    k: int = 15,  # neighbours averaged
+) -> tuple:  # (a translated into b's features, b translated into a's features)
+    "Translate each domain into the other by averaging the k nearest cells of the other domain on the corresponding features."
+    from sklearn.neighbors import NearestNeighbors
+    za, zb = np.asarray(za, dtype=np.float64), np.asarray(zb, dtype=np.float64)
+    cols_a, cols_b = list(cols_a), list(cols_b)
+    if len(cols_a) != len(cols_b) or not cols_a:
+        raise ValueError(f"cols_a and cols_b must be non-empty and pair up; got {len(cols_a)} and {len(cols_b)}.")
+    sa, sb = za[:, cols_a], zb[:, cols_b]
+    ka, kb = int(min(k, len(zb))), int(min(k, len(za)))
+    a_in_b = zb[NearestNeighbors(n_neighbors=ka).fit(sb).kneighbors(sa, return_distance=False)].mean(1)
+    b_in_a = za[NearestNeighbors(n_neighbors=kb).fit(sa).kneighbors(sb, return_distance=False)].mean(1)
+    return a_in_b, b_in_a

@@ -19,7 +19,8 @@ from sklearn.neighbors import NearestNeighbors
 # %% auto #0
 __all__ = ['ari', 'nmi', 'silhouette', 'leiden_clusters', 'leiden_ari', 'knn_purity', 'batch_asw', 'ilisi',
            'entropy_of_batch_mixing', 'denoising_error', 'mask_nonzero', 'masked_error', 'knn_accuracy',
-           'trustworthiness', 'mean_average_precision', 'mmd', 'classifier_auc', 'scib_benchmark']
+           'trustworthiness', 'mean_average_precision', 'mmd', 'classifier_auc', 'scib_benchmark', 'molecular_split',
+           'mcv_loss', 'map_stability', 'classification_scores']
 
 # %% ../nbs/06_core.metrics.ipynb #6cbbc3a0
 def _embedding(embedding, name="embedding"):
@@ -422,3 +423,86 @@ def scib_benchmark(
                         embedding_obsm_keys=list(embedding_obsm_keys), **benchmarker_kwargs)
     bench.benchmark()
     return bench.get_results(min_max_scale=False)
+
+# %% ../nbs/06_core.metrics.ipynb #cc322281
+def molecular_split(
+    counts,  # raw integer counts, cells x genes (dense or sparse)
+    train_fraction: float = 0.9,  # probability that a molecule goes to the training part
+    seed: int = 0,  # random seed of the split
+) -> tuple:  # (train, test): integer counts of the input's kind (CSR if sparse) with train + test = counts
+    "Molecular cross-validation split (Batson et al. 2019): binomial thinning of every count into a training and a test part."
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
+    rng = np.random.default_rng(seed)
+    if sp.issparse(counts):
+        X = sp.csr_matrix(counts, copy=True)
+        values = X.data
+    else:
+        X = np.array(counts, copy=True)
+        values = X.reshape(-1)
+    if values.size and (values.min() < 0 or not np.all(np.isfinite(values))
+                        or np.abs(values - np.round(values)).max() > 1e-6):
+        raise ValueError("molecular_split needs raw counts (non-negative integers): it splits whole molecules.")
+    train_values = rng.binomial(np.round(values).astype(np.int64), train_fraction).astype(values.dtype)
+    if sp.issparse(counts):
+        train = sp.csr_matrix((train_values, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+        test = sp.csr_matrix((values - train_values, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+        train.eliminate_zeros(); test.eliminate_zeros()
+        return train, test
+    train = train_values.reshape(X.shape)
+    return train, X - train
+
+def mcv_loss(
+    estimate: np.ndarray,  # denoised training part, cells x genes (any per-cell scale; negatives are clipped to 0)
+    test,  # held-out part of the counts from `molecular_split`, same shape
+    train_library: np.ndarray,  # total counts of each cell's training part
+    train_fraction: float = 0.9,  # the split's training probability
+) -> dict:  # {"mcv_mse_log1p": ..., "mcv_poisson": ...}, both lower-is-better
+    "Molecular cross-validation losses of a denoised training part against the held-out molecules."
+    est = np.clip(_dense(estimate, "estimate"), 0, None)
+    tst = _dense(test, "test")
+    if est.shape != tst.shape:
+        raise ValueError(f"estimate has shape {est.shape} but test has shape {tst.shape}; same cells and genes needed.")
+    lib = np.asarray(train_library, dtype=np.float64).reshape(-1)
+    if len(lib) != len(est):
+        raise ValueError(f"train_library has {len(lib)} entries for {len(est)} cells.")
+    totals = est.sum(1)
+    if (totals <= 0).any():
+        raise ValueError(f"{int((totals <= 0).sum())} cells have an all-zero estimate; the prediction is undefined.")
+    mse = np.mean((np.log1p(_library_normalise(est, None, 1e4)) - np.log1p(_library_normalise(tst, None, 1e4))) ** 2)
+    mu = est / totals[:, None] * (lib * (1 - train_fraction) / train_fraction)[:, None]
+    poisson = np.mean(mu - tst * np.log(mu + 1e-6))
+    return dict(mcv_mse_log1p=float(mse), mcv_poisson=float(poisson))
+
+# %% ../nbs/06_core.metrics.ipynb #5a68c695
+def map_stability(
+    full_map: np.ndarray,  # cells x dimensions: the map of all cells
+    sub_map: np.ndarray,  # subsample x dimensions: the map made from the subsample alone
+    subset: np.ndarray,  # positions of the subsample's cells among all cells (len(sub_map) integers)
+    n_pairs: int = 5000,  # random cell pairs compared
+    seed: int = 0,  # seed of the pairs
+) -> float:
+    "Spearman correlation of pairwise distances of the subsample's cells between two maps (1: same geometry)."
+    F, S = _embedding(full_map, "full_map"), _embedding(sub_map, "sub_map")
+    subset = np.asarray(subset).reshape(-1)
+    if len(subset) != len(S):
+        raise ValueError(f"subset has {len(subset)} entries but sub_map has {len(S)} cells.")
+    if len(S) < 3:
+        raise ValueError("map_stability needs at least 3 cells in the subsample.")
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, len(S), n_pairs), rng.integers(0, len(S), n_pairs)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    d_full = np.linalg.norm(F[subset[i]] - F[subset[j]], axis=1)
+    d_sub = np.linalg.norm(S[i] - S[j], axis=1)
+    return float(stats.spearmanr(d_full, d_sub).statistic)
+
+def classification_scores(
+    labels_true: Sequence,  # true labels of the query cells
+    labels_pred: Sequence,  # predicted labels
+) -> dict:  # {"accuracy": ..., "macro_f1": ...}
+    "Accuracy and macro-averaged F1 of predicted cell types."
+    from sklearn.metrics import accuracy_score, f1_score
+    y = _labels(labels_true, len(labels_true), "labels_true").astype(str)
+    p = _labels(labels_pred, len(y), "labels_pred").astype(str)
+    return dict(accuracy=float(accuracy_score(y, p)), macro_f1=float(f1_score(y, p, average="macro", zero_division=0)))
