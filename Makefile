@@ -1,5 +1,5 @@
 # scdeep_nb — the two commands a new user needs:
-#   make demo   # set up .venv, run the DCA notebook on the bundled PBMC data -> runs/
+#   make demo   # set up .venv, run the CPU-sized benchmark (every method vs the classical baselines) -> runs/demo/
 #   make test   # set up .venv, run the test suite (library tests + every notebook through papermill + nbdev hygiene)
 # Both create .venv on first use; torch is installed first, pinned, so pip does not fetch a CUDA build.
 
@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 KERNEL := scdeep_nb
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast nbtest export clean-nbs check-nbdev docs-check readme lab clean
+.PHONY: install demo bench-smoke test test-fast nbtest export clean-nbs check-nbdev docs-check readme lab clean
 
 install: $(STAMP)
 
@@ -22,12 +22,15 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (scdeep_nb)"
 	touch $(STAMP)
 
-## the main job: DCA on the PBMC data shipped with scanpy -> runs/dca_pbmc68k/
+## the main job: the CPU-sized benchmark (every registered method against the classical baselines, task by task,
+## on simulated data with truth and the PBMC counts bundled with scanpy) -> runs/demo/ (table, figures, notebooks)
 demo: $(STAMP)
-	mkdir -p runs/dca_pbmc68k
-	$(BIN)/papermill nbs/10_models.dca.ipynb runs/dca_pbmc68k/dca_pbmc68k.ipynb -k $(KERNEL) --cwd nbs \
-		-p run_pbmc True -p output_dir ../runs/dca_pbmc68k
-	@echo "Results in runs/dca_pbmc68k/: executed notebook, figure (.png) and results table (.csv)"
+	$(BIN)/python -m scdeep_nb.bench nbs/bench/cpu.yaml --jobs 2 --kernel $(KERNEL) --out runs/demo
+	@echo "Results in runs/demo/: results table (.csv), report notebook and figures, every executed notebook"
+
+## the same benchmark at smoke size (a minute or two: checks that it runs end to end, not which method wins)
+bench-smoke: $(STAMP)
+	$(BIN)/python -m scdeep_nb.bench nbs/bench/smoke.yaml --jobs 2 --kernel $(KERNEL) --out runs/smoke
 
 ## the test suite (what CI runs)
 test: $(STAMP)
