@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from torch import nn
 
 from ..base import BaseModel, register_model
-from ..data import column_mean_var
+from ..data import SingleCellData
 from ..distributions import log_nb, log_poisson, log_zinb_prob
 from ..nn import FCLayers, clamped_exp, clamped_softplus, keras_init_
 from ..train import BaseModule, LossOutput
@@ -30,15 +30,16 @@ DCA_LOSSES = ("zinb-conddisp", "zinb", "nb-conddisp", "nb", "poisson", "normal")
 # %% ../../nbs/10_models.dca.ipynb #864740fa
 _LIKELIHOOD_EPS = 1e-10  # epsilon inside the logs of the reference's NB / ZINB / Poisson losses
 
-def _log_normalized_stats(X, size_factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "Per-gene mean and unbiased std of log1p(X / size_factors) (a std of 0 becomes 1, as in `sc.pp.scale`)."
-    inv = (1.0 / np.asarray(size_factors, dtype=np.float64))[:, None]
-    if sp.issparse(X):
-        Y = sp.csr_matrix(X, dtype=np.float64).multiply(inv).tocsr()
-        Y.data = np.log1p(Y.data)
-    else:
-        Y = np.log1p(np.asarray(X, dtype=np.float64) * inv)
-    mean, var = column_mean_var(Y, ddof=1)
+def _log_normalized_stats(data) -> tuple[np.ndarray, np.ndarray]:
+    "Per-gene mean and unbiased std of log1p(x / s) over a `SingleCellData` (a std of 0 becomes 1, as in `sc.pp.scale`); in row blocks, so streamed data work too."
+    inv = 1.0 / np.asarray(data.size_factors, dtype=np.float64)
+    def log_normalize(rows, block):
+        if sp.issparse(block):
+            block = sp.csr_matrix(block.multiply(inv[rows][:, None]))
+            block.data = np.log1p(block.data)
+            return block
+        return np.log1p(block * inv[rows][:, None])
+    mean, var = data.column_mean_var(log_normalize, ddof=1)
     std = np.sqrt(var)
     std[std == 0] = 1.0
     return mean.astype(np.float32), std.astype(np.float32)
@@ -156,7 +157,7 @@ class DCA(BaseModel):
 
     def build_module(self) -> DCAModule:
         "The autoencoder, with the input statistics of this model's data."
-        gene_mean, gene_std = _log_normalized_stats(self.data.X, self.data.size_factors)
+        gene_mean, gene_std = _log_normalized_stats(self.data)
         hp = self.hparams
         return DCAModule(self.data.n_vars, gene_mean, gene_std, loss=hp["loss"], hidden_sizes=hp["hidden_sizes"],
                          dropout_rate=hp["dropout_rate"], batch_norm=hp["batch_norm"],

@@ -268,7 +268,7 @@ class SCVI(BaseModel):
         means, variances = library_log_prior(d.library, d.batch, d.n_batches)
         return SCVIModule(d.n_vars, d.n_batches, d.n_labels, library_log_means=means, library_log_vars=variances,
                           library_median=float(np.median(d.library)),
-                          gene_detected=np.asarray((d.X > 0).sum(0)).ravel() > 0, **self.hparams)
+                          gene_detected=d.gene_nnz > 0, **self.hparams)
 
     def train(
         self,
