@@ -160,23 +160,7 @@ def test_minibatch_training():
     assert len(model.history) == 2 and np.isfinite(model.history.train_loss).all()
 
 
-def fixed_counts(n=120, g=40, seed=42):
-    "Counts from NumPy alone (no simulator), so the reproduction test does not depend on `simulate`."
-    rng = np.random.default_rng(seed)
-    types = rng.integers(0, 3, n)
-    means = rng.gamma(1.5, 3.0, size=(3, g))
-    lib = rng.uniform(0.5, 1.5, size=(n, 1))
-    X = rng.negative_binomial(2, 2 / (2 + means[types] * lib)).astype(np.float32)
-    X[:, 0] += 1
-    X[0, :] += 1
-    a = ad.AnnData(sp.csr_matrix(X))
-    a.layers["counts"] = a.X.copy()
-    a.obs_names = [f"c{i}" for i in range(n)]
-    a.var_names = [f"g{j}" for j in range(g)]
-    return a
-
-
-def test_fixed_seed_reproduces_the_pre_contract_outputs():
+def test_fixed_seed_reproduces_the_pre_contract_outputs(fixed_counts):
     """The migration to the core contract (issue 6) did not change the maths: same selection, losses and outputs.
 
     Recorded with the code of commit a0a98a3 (before the migration: `git worktree add /tmp/old a0a98a3`, then
@@ -184,7 +168,7 @@ def test_fixed_seed_reproduces_the_pre_contract_outputs():
     old stop rule off, here `tolerance=None` switches the new one off). The migrated code reproduces every value to
     the 6 significant digits recorded.
     """
-    a = fixed_counts()
+    a = fixed_counts
     model = AutoImpute(a, layer="counts", n_hidden=64, n_top_genes=30, min_count=1, min_cells=3)
     model.train(max_epochs=20, seed=0, progress_bar=False, tolerance=None)
     assert list(model.selected_genes) == [f"g{i}" for i in (0, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 19, 20,

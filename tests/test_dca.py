@@ -35,22 +35,6 @@ def with_counts(adata, counts):
     return bad
 
 
-def fixed_counts(n=120, g=40, seed=42):
-    "Counts from NumPy alone (no simulator), so the reproduction test below does not depend on `simulate`."
-    rng = np.random.default_rng(seed)
-    types = rng.integers(0, 3, n)
-    means = rng.gamma(1.5, 3.0, size=(3, g))
-    lib = rng.uniform(0.5, 1.5, size=(n, 1))
-    X = rng.negative_binomial(2, 2 / (2 + means[types] * lib)).astype(np.float32)
-    X[:, 0] += 1
-    X[0, :] += 1
-    a = ad.AnnData(sp.csr_matrix(X))
-    a.layers["counts"] = a.X.copy()
-    a.obs_names = [f"c{i}" for i in range(n)]
-    a.var_names = [f"g{j}" for j in range(g)]
-    return a
-
-
 def test_registered():
     info = REGISTRY["dca"]
     assert info.cls is DCA and set(info.capabilities) == {"embed", "denoise"}
@@ -66,7 +50,7 @@ def test_reference_training_defaults():
     assert kw["scheduler_kwargs"] == dict(factor=0.1, patience=10, min_delta=1e-4)
 
 
-def test_fixed_seed_reproduces_the_pre_contract_outputs():
+def test_fixed_seed_reproduces_the_pre_contract_outputs(fixed_counts):
     """The migration to the core contract (issue 6) did not change the maths.
 
     The literals were recorded with the code of commit a0a98a3 (before the migration: `git worktree add /tmp/old
@@ -80,7 +64,7 @@ def test_fixed_seed_reproduces_the_pre_contract_outputs():
     in the outputs below after 20 steps. The tolerances admit that and nothing larger (a changed initialisation,
     reduction or architecture moves these values by tens of percent).
     """
-    a = fixed_counts()
+    a = fixed_counts
     model = DCA(a, layer="counts").train(max_epochs=5, seed=0, progress_bar=False)
     np.testing.assert_allclose(model.history.train_loss, [4.2294, 3.77179, 3.55119, 3.3793, 3.26925], rtol=1e-4)
     assert (model.history.lr == 1e-3).all()
