@@ -380,6 +380,15 @@ def batch_code(self: BaseModel, batch, what: str = "transform_batch") -> int:
     return cats.index(str(batch))
 
 @patch
+def check_query_batches(self: BaseModel, adata: AnnData | None):
+    "Refuse new cells whose `batch_key` values include a batch without training cells (an error naming the seen ones)."
+    key = self.data.batch_key
+    if adata is None or key is None or key not in adata.obs:
+        return
+    for b in pd.unique(adata.obs[key].astype(str)):
+        self.batch_code(b, what=f"adata.obs[{key!r}] value")
+
+@patch
 def get_loss_terms(
     self: BaseModel,
     adata: AnnData | None = None,  # data with the model's genes; None: the training data

@@ -219,14 +219,6 @@ def _resolutions(resolution) -> tuple:
         raise ValueError(f"resolution={resolution!r} repeats a value; give each resolution once.")
     return tuple(out)
 
-def _refuse_unseen_batches(model: BaseModel, adata: AnnData | None):
-    "A query's batches must be batches the model was trained on (their scaling statistics were learned there)."
-    key = model.data.batch_key
-    if adata is None or key is None or key not in adata.obs:
-        return
-    for b in pd.unique(adata.obs[key].astype(str)):
-        model.batch_code(b, what=f"adata.obs[{key!r}] value")
-
 _DESC_TRAIN_OPTIONS = ("early_stopping", "patience", "min_delta")  # extra `train` options
 
 # %% ../../nbs/14_models.desc.ipynb #1b6ac7ff
@@ -509,7 +501,7 @@ def get_latent_representation(
     batch_size: int = 4096,  # cells per forward pass
 ) -> np.ndarray:  # (cells, hidden_sizes[-1]), values in (-1, 1)
     "DESC's embedding: the DEC-refined encoder's output at `resolution` (the reference's obsm['X_Embeded_z<res>'])."
-    _refuse_unseen_batches(self, adata)
+    self.check_query_batches(adata)
     if pretrained:
         self.check_trained()
         return self.run_module(lambda m, b: m.embed(b), adata, batch_size=batch_size)
@@ -525,7 +517,7 @@ def soft_assignments(
     batch_size: int = 4096,  # cells per forward pass
 ) -> np.ndarray:  # (cells, K); rows sum to 1
     "Q: each cell's probability of belonging to each cluster (the reference's uns['prob_matrix<res>'])."
-    _refuse_unseen_batches(self, adata)
+    self.check_query_batches(adata)
     h = self._head(resolution)
     return self.run_module(lambda m, b: m.soft_assignment(b, h), adata, batch_size=batch_size)
 

@@ -161,15 +161,6 @@ def scalable_cluster(
     return graph_labels[centroid_of].astype(np.int64)
 
 # %% ../../nbs/15_models.scscope.ipynb #38f769b3
-def _refuse_unseen_batches(model: BaseModel, adata: AnnData | None):
-    "A query's batches must be batches the model was trained on (their offsets were learned there)."
-    key = model.data.batch_key
-    if adata is None or key is None or key not in adata.obs:
-        return
-    for b in pd.unique(adata.obs[key].astype(str)):
-        model.batch_code(b, what=f"adata.obs[{key!r}] value")
-
-# %% ../../nbs/15_models.scscope.ipynb #30232f9c
 class ScScope(BaseModel):
     "scScope (Deng et al., Nat Methods 2019): recurrent imputation autoencoder with learned batch offsets; scalable clustering."
     size_factor_kind = "median"  # input x / s, s = library / median library: library-size normalised, no log
@@ -203,8 +194,7 @@ class ScScope(BaseModel):
 
     def build_module(self) -> ScScopeModule:
         "The module; genes without any count in these data are marked as never detected (output 0)."
-        X = self.data.X
-        detected = (np.asarray((X != 0).sum(0)).ravel() > 0).astype(np.float32)
+        detected = (self.data.gene_nnz > 0).astype(np.float32)  # from the loader: works for streamed data too
         n_batches = self.data.n_batches if self.data.batch_key is not None else 1
         return ScScopeModule(self.data.n_vars, n_batches=n_batches, detected=detected, **self.hparams)
 
@@ -240,7 +230,7 @@ def get_latent_representation(
     batch_size: int = 1024,  # cells per forward pass
 ) -> np.ndarray:  # (cells, T * n_latent)
     "The concatenated latent codes h_1 ... h_T (the reference's latent features)."
-    _refuse_unseen_batches(self, adata)
+    self.check_query_batches(adata)
     return self.run_module(lambda m, b: m(b)["latent"], adata, batch_size=batch_size)
 
 @patch
@@ -254,7 +244,7 @@ def get_normalized_expression(
 ) -> np.ndarray:  # (cells, genes) on each cell's count scale
     "Imputed expression: the network's output (batch offsets removed) times each cell's size factor."
     check_choice(output, ("last", "mean"), "output")
-    _refuse_unseen_batches(self, adata)
+    self.check_query_batches(adata)
     def fn(m, b):
         ys = m(b)["outputs"]
         y = (ys[-1] if output == "last" else torch.stack(ys).mean(0)) * b["size_factors"]
